@@ -1,0 +1,317 @@
+// AVX2 + FMA qlinear kernels (this TU alone is built with -mavx2 -mfma -mf16c; it is only
+// called after a CPUID check). Three paths:
+//  gemv : small M. Each 32-code chunk is unpacked once into a ymm of bytes, widened to fp32
+//         and dotted with up to 4 rows of x; scales are applied once per group.
+//  gemm : larger M. A 16-row panel of W is dequantized into a thread-local fp32 tile (at most
+//         16 x 2048 floats, L2-resident: never the whole weight), then a 3x4 register-blocked
+//         micro-kernel of dot products runs over it for every 3 rows of x.
+//  int8 : activations pre-quantized per 32-block; vpmaddubsw/vpmaddwd integer dot products per
+//         chunk, converted and scaled in fp32 per chunk.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/kernels/qdecode_scalar.h"
+
+namespace fastadapt::cpu {
+namespace {
+
+// The 32 codes of chunk c of a weight row, in order, one per byte (two's complement for the
+// 8-bit formats, see kSignedCodes).
+template <QFormat F>
+inline __m256i chunk_codes(const uint8_t* row, int64_t c) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if constexpr (F == QFormat::INT8) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 32));
+    return _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));
+  } else if constexpr (F == QFormat::Q8_0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 34 + 2));
+  } else if constexpr (F == QFormat::INT4 || F == QFormat::Q4_0 || F == QFormat::Q4_1) {
+    const uint8_t* s = F == QFormat::INT4 ? row + c * 16 : F == QFormat::Q4_0 ? row + c * 18 + 2
+                                                                             : row + c * 20 + 4;
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+    const __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
+    return _mm256_set_m128i(hi, lo);
+  } else if constexpr (F == QFormat::INT2 || F == QFormat::INT3) {
+    const uint8_t* s = row + c * (F == QFormat::INT2 ? 8 : 12);
+    int64_t lowbits;
+    std::memcpy(&lowbits, s, 8);
+    // 64-bit lane i holds the 8 bytes shifted right by 2i: byte j then carries code j + 8i.
+    __m256i q = _mm256_srlv_epi64(_mm256_set1_epi64x(lowbits), _mm256_setr_epi64x(0, 2, 4, 6));
+    q = _mm256_and_si256(q, _mm256_set1_epi8(3));
+    if constexpr (F == QFormat::INT3) {
+      int32_t hibits;
+      std::memcpy(&hibits, s + 8, 4);
+      // byte j takes byte j/8 of the bit plane, then tests bit j%8.
+      const __m256i spread = _mm256_shuffle_epi8(
+          _mm256_set1_epi32(hibits),
+          _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+      const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+      const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+      q = _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(4)));
+    }
+    return q;
+  } else if constexpr (F == QFormat::Q4_K) {
+    const int j = static_cast<int>(c & 7);
+    const __m256i v = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(row + (c >> 3) * 144 + 16 + 32 * (j >> 1)));
+    return _mm256_and_si256((j & 1) ? _mm256_srli_epi16(v, 4) : v, low4);
+  } else {  // Q6_K
+    const int k = static_cast<int>(c & 7), half = k >> 2, cc = k & 3;
+    const uint8_t* blk = row + (c >> 3) * 210;
+    __m256i lo = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(blk + 64 * half + ((cc & 1) ? 32 : 0)));
+    if (cc & 2) lo = _mm256_srli_epi16(lo, 4);
+    lo = _mm256_and_si256(lo, low4);
+    __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * half));
+    hi = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * cc)), _mm256_set1_epi8(3));
+    return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+  }
+}
+
+// Widen 32 codes to four vectors of 8 floats (codes 0-7, 8-15, 16-23, 24-31).
+template <QFormat F>
+inline void codes_to_float(__m256i q, __m256 f[4]) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  if constexpr (kSignedCodes<F>) {
+    f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+  } else {
+    f[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    f[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    f[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    f[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Sums of four vectors, as one 4-lane vector.
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// Chunks that share one (a, b): a whole group for int formats, one chunk for GGUF formats.
+template <QFormat F>
+inline int64_t chunks_per_affine(const QLinearProblem& p) {
+  return is_gguf_format<F> ? 1 : p.group_size / 32;
+}
+
+// ---- gemv: MT (1..4) rows of x against weight rows [n0, n1) ---------------------------------
+template <QFormat F, int MT, bool kInt8>
+void rows_mt(const QLinearProblem& p, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t chunks = p.K / 32, cpa = chunks_per_affine<F>(p);
+  const int64_t units = p.K / p.xsum_unit;
+  const float* xs[MT];
+  for (int m = 0; m < MT; ++m) xs[m] = p.xsum + (m0 + m) * units;
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.qdata + n * p.row_bytes;
+    __m256 acc[MT];
+    float off[MT];
+    for (int m = 0; m < MT; ++m) {
+      acc[m] = _mm256_setzero_ps();
+      off[m] = 0.f;
+    }
+    for (int64_t c0 = 0; c0 < chunks; c0 += cpa) {
+      float a[2], b[2];
+      chunk_affine<F>(p, row, n, c0, a, b);
+      if constexpr (kInt8) {
+        for (int64_t c = c0; c < c0 + cpa; ++c) {
+          const __m256i q = chunk_codes<F>(row, c);
+          // vpmaddubsw multiplies unsigned by signed bytes: 8-bit codes go through |q| and
+          // move their sign onto x (|q| <= 128, so pair sums stay below 2^15).
+          const __m256i qu = kSignedCodes<F> ? _mm256_sign_epi8(q, q) : q;
+          for (int m = 0; m < MT; ++m) {
+            __m256i xv = _mm256_loadu_si256(
+                reinterpret_cast<const __m256i*>(p.xq + (m0 + m) * p.K + 32 * c));
+            if constexpr (kSignedCodes<F>) xv = _mm256_sign_epi8(xv, q);
+            const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qu, xv), ones16);
+            const float sx = p.xscale[(m0 + m) * chunks + c];
+            __m256 scale;
+            if constexpr (kHalfScales<F>) {
+              scale = _mm256_set_m128(_mm_set1_ps(a[1] * sx), _mm_set1_ps(a[0] * sx));
+            } else {
+              scale = _mm256_set1_ps(a[0] * sx);
+            }
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[m]);
+          }
+        }
+      } else {
+        // Dot products of the codes, summed over the chunks sharing (a, b), then scaled once.
+        __m256 part[MT][2];
+        for (int m = 0; m < MT; ++m) part[m][0] = part[m][1] = _mm256_setzero_ps();
+        for (int64_t c = c0; c < c0 + cpa; ++c) {
+          __m256 f[4];
+          codes_to_float<F>(chunk_codes<F>(row, c), f);
+          for (int m = 0; m < MT; ++m) {
+            const float* x = p.x + (m0 + m) * p.x_stride + 32 * c;
+            part[m][0] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(x), part[m][0]);
+            part[m][1] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(x + 8), part[m][1]);
+            if constexpr (kHalfScales<F>) {  // second half has its own scale: keep it apart
+              __m256 h = _mm256_mul_ps(f[2], _mm256_loadu_ps(x + 16));
+              h = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(x + 24), h);
+              acc[m] = _mm256_fmadd_ps(h, _mm256_set1_ps(a[1]), acc[m]);
+            } else {
+              part[m][0] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(x + 16), part[m][0]);
+              part[m][1] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(x + 24), part[m][1]);
+            }
+          }
+        }
+        const __m256 av = _mm256_set1_ps(a[0]);
+        for (int m = 0; m < MT; ++m)
+          acc[m] = _mm256_fmadd_ps(_mm256_add_ps(part[m][0], part[m][1]), av, acc[m]);
+      }
+      // offsets b * sum(x) over the span of (a, b)
+      if constexpr (is_gguf_format<F>) {
+        for (int m = 0; m < MT; ++m) off[m] += b[0] * xs[m][2 * c0] + b[1] * xs[m][2 * c0 + 1];
+      } else {
+        for (int m = 0; m < MT; ++m) off[m] += b[0] * xs[m][c0 / cpa];
+      }
+    }
+    const float bias = p.bias ? p.bias[n] : 0.f;
+    for (int m = 0; m < MT; ++m) p.y[(m0 + m) * p.y_stride + n] = hsum(acc[m]) + off[m] + bias;
+  }
+}
+
+template <QFormat F, bool kInt8>
+void rows_all_m(const QLinearProblem& p, int64_t n0, int64_t n1) {
+  // Weight rows outermost in blocks, so a block stays in L1 while every 4 rows of x pass over it.
+  constexpr int64_t kRowBlock = 4;
+  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+    const int64_t ne = std::min(n1, nb + kRowBlock);
+    for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+      switch (std::min<int64_t>(4, p.M - m0)) {
+        case 1: rows_mt<F, 1, kInt8>(p, m0, nb, ne); break;
+        case 2: rows_mt<F, 2, kInt8>(p, m0, nb, ne); break;
+        case 3: rows_mt<F, 3, kInt8>(p, m0, nb, ne); break;
+        default: rows_mt<F, 4, kInt8>(p, m0, nb, ne); break;
+      }
+    }
+  }
+}
+
+// ---- gemm ------------------------------------------------------------------------------------
+constexpr int64_t kMaxKc = 2048;  // K block: a 16 x 2048 fp32 panel is 128 KiB, inside L2
+
+// Dequantize W[n, k0 : k0 + kc] into dst (kc floats). k0 and kc are multiples of 32 and, for
+// int formats, k0 starts a group or lies inside one (the affine is looked up per chunk).
+template <QFormat F>
+void dequant_row(const QLinearProblem& p, int64_t n, int64_t k0, int64_t kc, float* dst) {
+  const uint8_t* row = p.qdata + n * p.row_bytes;
+  const int64_t cpa = chunks_per_affine<F>(p);
+  float a[2] = {0.f, 0.f}, b[2] = {0.f, 0.f};
+  for (int64_t c = k0 / 32; c < (k0 + kc) / 32; ++c) {
+    if (c == k0 / 32 || c % cpa == 0) chunk_affine<F>(p, row, n, c, a, b);
+    __m256 f[4];
+    codes_to_float<F>(chunk_codes<F>(row, c), f);
+    const __m256 a0 = _mm256_set1_ps(a[0]), b0 = _mm256_set1_ps(b[0]);
+    const __m256 a1 = _mm256_set1_ps(a[1]), b1 = _mm256_set1_ps(b[1]);
+    float* d = dst + (c * 32 - k0);
+    _mm256_storeu_ps(d, _mm256_fmadd_ps(f[0], a0, b0));
+    _mm256_storeu_ps(d + 8, _mm256_fmadd_ps(f[1], a0, b0));
+    _mm256_storeu_ps(d + 16, _mm256_fmadd_ps(f[2], a1, b1));
+    _mm256_storeu_ps(d + 24, _mm256_fmadd_ps(f[3], a1, b1));
+  }
+}
+
+// y[MR rows][NR cols] (+)= x[MR][kc] . w[NR][kc]^T, accumulating 8-wide along k.
+template <int MR, int NR>
+void micro_kernel(const float* const* x, const float* w, int64_t ldw, int64_t kc, float* y,
+                  int64_t ldy, const float* init /* [NR] added on the first K block, or null */,
+                  bool first) {
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; k += 8) {
+    __m256 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x[i] + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* yr = y + i * ldy;
+    if constexpr (NR == 4) {
+      __m128 s = hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+      const __m128 base = first ? (init ? _mm_loadu_ps(init) : _mm_setzero_ps()) : _mm_loadu_ps(yr);
+      _mm_storeu_ps(yr, _mm_add_ps(s, base));
+    } else {
+      for (int j = 0; j < NR; ++j) {
+        const float base = first ? (init ? init[j] : 0.f) : yr[j];
+        yr[j] = base + hsum(acc[i][j]);
+      }
+    }
+  }
+}
+
+template <int MR>
+void micro_dispatch_nr(int nr, const float* const* x, const float* w, int64_t ldw, int64_t kc,
+                       float* y, int64_t ldy, const float* init, bool first) {
+  switch (nr) {
+    case 1: micro_kernel<MR, 1>(x, w, ldw, kc, y, ldy, init, first); break;
+    case 2: micro_kernel<MR, 2>(x, w, ldw, kc, y, ldy, init, first); break;
+    case 3: micro_kernel<MR, 3>(x, w, ldw, kc, y, ldy, init, first); break;
+    default: micro_kernel<MR, 4>(x, w, ldw, kc, y, ldy, init, first); break;
+  }
+}
+
+template <QFormat F>
+void gemm(const QLinearProblem& p, int64_t n0, int64_t n1) {
+  const int64_t kc_max = std::min(p.K, kMaxKc);
+  thread_local std::vector<float> panel;  // reused across calls: the hot path allocates once
+  if (static_cast<int64_t>(panel.size()) < kGemmPanel * kc_max) panel.resize(kGemmPanel * kc_max);
+  float* wp = panel.data();
+  for (int64_t np = n0; np < n1; np += kGemmPanel) {
+    const int64_t rows = std::min(kGemmPanel, n1 - np);
+    for (int64_t k0 = 0; k0 < p.K; k0 += kc_max) {
+      const int64_t kc = std::min(kc_max, p.K - k0);
+      for (int64_t r = 0; r < rows; ++r) dequant_row<F>(p, np + r, k0, kc, wp + r * kc_max);
+      const bool first = k0 == 0;
+      for (int64_t m = 0; m < p.M; m += 3) {
+        const int mr = static_cast<int>(std::min<int64_t>(3, p.M - m));
+        const float* x[3];
+        for (int i = 0; i < mr; ++i) x[i] = p.x + (m + i) * p.x_stride + k0;
+        for (int64_t j = 0; j < rows; j += 4) {
+          const int nr = static_cast<int>(std::min<int64_t>(4, rows - j));
+          float* y = p.y + m * p.y_stride + np + j;
+          const float* init = p.bias ? p.bias + np + j : nullptr;
+          const float* w = wp + j * kc_max;
+          switch (mr) {
+            case 1: micro_dispatch_nr<1>(nr, x, w, kc_max, kc, y, p.y_stride, init, first); break;
+            case 2: micro_dispatch_nr<2>(nr, x, w, kc_max, kc, y, p.y_stride, init, first); break;
+            default: micro_dispatch_nr<3>(nr, x, w, kc_max, kc, y, p.y_stride, init, first); break;
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void qlinear_gemv_avx2(const QLinearProblem& p, int64_t n0, int64_t n1) {
+  FASTADAPT_DISPATCH_QFORMAT(p.fmt, F, [&] { rows_all_m<F, false>(p, n0, n1); });
+}
+
+void qlinear_int8_avx2(const QLinearProblem& p, int64_t n0, int64_t n1) {
+  FASTADAPT_DISPATCH_QFORMAT(p.fmt, F, [&] { rows_all_m<F, true>(p, n0, n1); });
+}
+
+void qlinear_gemm_avx2(const QLinearProblem& p, int64_t n0, int64_t n1) {
+  FASTADAPT_DISPATCH_QFORMAT(p.fmt, F, [&] { gemm<F>(p, n0, n1); });
+}
+
+}  // namespace fastadapt::cpu

@@ -1,0 +1,17 @@
+// Every schema of the library, in one place, grouped by family. Kernels register their
+// implementations per device next to themselves (csrc/cpu/*_cpu.cpp, csrc/cuda/*_glue.cpp);
+// fake kernels live in python/fastadapt_ops/ops/ right after each wrapper.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastadapt, m) {
+  // ---- low-bit linear ---------------------------------------------------------------------
+  // y[..., N] = x[..., K] . dequant(W)^T (+ bias), W never dequantized in memory; fp32 accumulate.
+  // fmt: int2 | int3 | int4 | int8 | q4_0 | q4_1 | q8_0 | q4_k | q6_k (layouts: cpu/kernels/qformat.h)
+  // act_quant: "none" (exact) | "int8" (activations quantized per 32-block, integer dot products)
+  m.def(
+      "qlinear(Tensor x, Tensor qdata, Tensor? scales, Tensor? zeros, Tensor? bias, str fmt, "
+      "int in_features, int group_size, str act_quant='none') -> Tensor");
+  m.def(
+      "qlinear.out(Tensor x, Tensor qdata, Tensor? scales, Tensor? zeros, Tensor? bias, str fmt, "
+      "int in_features, int group_size, str act_quant='none', *, Tensor(a!) out) -> Tensor(a!)");
+}

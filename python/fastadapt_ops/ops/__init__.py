@@ -1,0 +1,2 @@
+"""Typed wrappers of every ``torch.ops.fastadapt`` op, their fake kernels, and references."""
+from .qlinear import qlinear  # noqa: F401
