@@ -11,7 +11,9 @@ TORCH_LIBRARY(fastadapt, m) {
   m.def(
       "qlinear(Tensor x, Tensor qdata, Tensor? scales, Tensor? zeros, Tensor? bias, str fmt, "
       "int in_features, int group_size, str act_quant='none') -> Tensor");
+  // Writes into a preallocated out (hot decode loops); returns nothing, because torch's
+  // functionalization (compile/export) does not accept custom ops that return an alias.
   m.def(
       "qlinear.out(Tensor x, Tensor qdata, Tensor? scales, Tensor? zeros, Tensor? bias, str fmt, "
-      "int in_features, int group_size, str act_quant='none', *, Tensor(a!) out) -> Tensor(a!)");
+      "int in_features, int group_size, str act_quant='none', *, Tensor(a!) out) -> ()");
 }

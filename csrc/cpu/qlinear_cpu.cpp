@@ -78,7 +78,7 @@ void qlinear_cpu_into(const at::Tensor& x, const at::Tensor& qdata,
   p.xsum = xsum.data_ptr<float>();
   if (s.int8_act) {
     xq = at::empty({s.M, s.K}, x32.options().dtype(at::kChar));
-    xscale = at::empty({s.M, s.K / 32}, x32.options());
+    xscale = at::empty({s.M}, x32.options());
     prepare_x_int8(p.x, s.M, s.K, s.K, p.xsum_unit, xq.data_ptr<int8_t>(),
                    xscale.data_ptr<float>(), xsum.data_ptr<float>());
     p.xq = xq.data_ptr<int8_t>();
@@ -115,7 +115,7 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata,
   return out;
 }
 
-at::Tensor& qlinear_out_cpu(const at::Tensor& x, const at::Tensor& qdata,
+void qlinear_out_cpu(const at::Tensor& x, const at::Tensor& qdata,
                             const std::optional<at::Tensor>& scales,
                             const std::optional<at::Tensor>& zeros,
                             const std::optional<at::Tensor>& bias, c10::string_view fmt,
@@ -123,7 +123,6 @@ at::Tensor& qlinear_out_cpu(const at::Tensor& x, const at::Tensor& qdata,
                             at::Tensor& out) {
   qlinear_cpu_into(x, qdata, scales, zeros, bias, std::string(fmt), in_features, group_size,
                    std::string(act_quant), out);
-  return out;
 }
 
 }  // namespace

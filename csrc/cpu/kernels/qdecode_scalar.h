@@ -77,10 +77,13 @@ static inline void q4k_scale_min(const uint8_t* s, int j, int* sc, int* mn) {
   }
 }
 
-// Affine map of chunk c (values 32c .. 32c+31) of weight row n, whose bytes start at `row`.
-template <QFormat F>
+// Affine map of chunk c (values 32c .. 32c+31) of weight row n, whose bytes start at `row`;
+// g is the chunk's group within the row (int formats; callers track it to avoid a division).
+// kSigned: the codes the caller multiplies are signed (see kSignedCodes) or, when false, the
+// stored unsigned bytes (int8 format only; Q8_0 is always signed).
+template <QFormat F, bool kSigned = kSignedCodes<F>>
 static inline void chunk_affine(const QLinearProblem& p, const uint8_t* row, int64_t n, int64_t c,
-                                float a[2], float b[2]) {
+                                int64_t g, float a[2], float b[2]) {
   if constexpr (F == QFormat::Q4_0) {
     const float d = fp16_to_float(load_u16(row + c * 18));
     a[0] = a[1] = d;
@@ -109,12 +112,12 @@ static inline void chunk_affine(const QLinearProblem& p, const uint8_t* row, int
     b[0] = -32.f * a[0];
     b[1] = -32.f * a[1];
   } else {  // int formats
-    const int64_t g = n * p.groups + (c * 32) / p.group_size;
-    const float s = load_scale(p, g);
-    const float z = p.zeros ? static_cast<float>(p.zeros[g])
+    const int64_t gi = n * p.groups + g;
+    const float s = load_scale(p, gi);
+    const float z = p.zeros ? static_cast<float>(p.zeros[gi])
                             : static_cast<float>(1 << (static_cast<int>(F) - 1));
     a[0] = a[1] = s;
-    b[0] = b[1] = kSignedCodes<F> ? s * (128.f - z) : -s * z;
+    b[0] = b[1] = kSigned ? s * (128.f - z) : -s * z;
   }
 }
 

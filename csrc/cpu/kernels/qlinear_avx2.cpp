@@ -72,20 +72,81 @@ inline __m256i chunk_codes(const uint8_t* row, int64_t c) {
   }
 }
 
-// Widen 32 codes to four vectors of 8 floats (codes 0-7, 8-15, 16-23, 24-31).
+// The fp path multiplies codes as stored: unsigned, except Q8_0's int8.
+template <QFormat F> constexpr bool kFloatSigned = (F == QFormat::Q8_0);
+
+inline __m256i load8_u8_to_i32(const uint8_t* s) {  // 8 bytes -> 8 int32 (one load-folded uop)
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)));
+}
+
+// The 32 codes of chunk c as four vectors of 8 floats (codes 0-7, 8-15, 16-23, 24-31). Each
+// format is widened straight from memory (vpmovzxbd with a folded load), then split with
+// in-lane shifts and masks: no cross-lane shuffles on the decode path.
 template <QFormat F>
-inline void codes_to_float(__m256i q, __m256 f[4]) {
-  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-  if constexpr (kSignedCodes<F>) {
-    f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-    f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
-    f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-    f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
-  } else {
-    f[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    f[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    f[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    f[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+inline void chunk_floats(const uint8_t* row, int64_t c, __m256 f[4]) {
+  const __m256i m4 = _mm256_set1_epi32(0x0F);
+  if constexpr (F == QFormat::INT8) {
+    const uint8_t* s = row + c * 32;
+    for (int k = 0; k < 4; ++k) f[k] = _mm256_cvtepi32_ps(load8_u8_to_i32(s + 8 * k));
+  } else if constexpr (F == QFormat::Q8_0) {
+    const uint8_t* s = row + c * 34 + 2;
+    for (int k = 0; k < 4; ++k)
+      f[k] = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + 8 * k))));
+  } else if constexpr (F == QFormat::INT4 || F == QFormat::Q4_0 || F == QFormat::Q4_1 ||
+                       F == QFormat::Q4_K) {
+    // byte j holds code j (low nibble) and code j + 16 (high nibble); Q4_K reads 32 bytes of
+    // which chunk parity picks the nibble
+    const uint8_t* s;
+    int shift = 0;
+    if constexpr (F == QFormat::Q4_K) {
+      const int j = static_cast<int>(c & 7);
+      s = row + (c >> 3) * 144 + 16 + 32 * (j >> 1);
+      shift = (j & 1) * 4;
+      const __m128i sh = _mm_cvtsi32_si128(shift);
+      for (int k = 0; k < 4; ++k)
+        f[k] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(load8_u8_to_i32(s + 8 * k), sh), m4));
+      return;
+    } else {
+      s = F == QFormat::INT4 ? row + c * 16 : F == QFormat::Q4_0 ? row + c * 18 + 2 : row + c * 20 + 4;
+    }
+    const __m256i v0 = load8_u8_to_i32(s), v1 = load8_u8_to_i32(s + 8);
+    f[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, m4));
+    f[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, m4));
+    f[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+    f[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+  } else if constexpr (F == QFormat::INT2 || F == QFormat::INT3) {
+    const uint8_t* s = row + c * (F == QFormat::INT2 ? 8 : 12);
+    const __m256i v = load8_u8_to_i32(s);  // lane j: byte j = codes j, j+8, j+16, j+24
+    const __m256i m2 = _mm256_set1_epi32(3);
+    __m256i q[4] = {_mm256_and_si256(v, m2), _mm256_and_si256(_mm256_srli_epi32(v, 2), m2),
+                    _mm256_and_si256(_mm256_srli_epi32(v, 4), m2), _mm256_srli_epi32(v, 6)};
+    if constexpr (F == QFormat::INT3) {
+      int32_t hibits;
+      std::memcpy(&hibits, s + 8, 4);
+      const __m256i h = _mm256_set1_epi32(hibits);
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      for (int k = 0; k < 4; ++k) {
+        // bit 8k + j of the plane, moved to bit 2 of lane j
+        const __m256i bit = _mm256_and_si256(
+            _mm256_srlv_epi32(h, _mm256_add_epi32(lane, _mm256_set1_epi32(8 * k))),
+            _mm256_set1_epi32(1));
+        q[k] = _mm256_or_si256(q[k], _mm256_slli_epi32(bit, 2));
+      }
+    }
+    for (int k = 0; k < 4; ++k) f[k] = _mm256_cvtepi32_ps(q[k]);
+  } else {  // Q6_K: low nibble from ql, two high bits from qh
+    const int k8 = static_cast<int>(c & 7), half = k8 >> 2, cc = k8 & 3;
+    const uint8_t* blk = row + (c >> 3) * 210;
+    const uint8_t* ql = blk + 64 * half + ((cc & 1) ? 32 : 0);
+    const uint8_t* qh = blk + 128 + 32 * half;
+    const __m128i lsh = _mm_cvtsi32_si128((cc & 2) ? 4 : 0), hsh = _mm_cvtsi32_si128(2 * cc);
+    const __m256i m2 = _mm256_set1_epi32(3);
+    for (int k = 0; k < 4; ++k) {
+      const __m256i lo = _mm256_and_si256(_mm256_srl_epi32(load8_u8_to_i32(ql + 8 * k), lsh), m4);
+      const __m256i hi = _mm256_and_si256(_mm256_srl_epi32(load8_u8_to_i32(qh + 8 * k), hsh), m2);
+      f[k] = _mm256_cvtepi32_ps(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)));
+    }
   }
 }
 
@@ -102,86 +163,124 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+// int8 path: chunks whose vpmaddubsw pair sums can be added in int16 without overflow.
+template <QFormat F>
+constexpr int kI16Chunks = (F == QFormat::INT2 || F == QFormat::INT3 || F == QFormat::INT4 ||
+                            F == QFormat::Q4_0 || F == QFormat::Q4_1 || F == QFormat::Q4_K)
+                               ? 8 : 1;
+
 // Chunks that share one (a, b): a whole group for int formats, one chunk for GGUF formats.
 template <QFormat F>
 inline int64_t chunks_per_affine(const QLinearProblem& p) {
   return is_gguf_format<F> ? 1 : p.group_size / 32;
 }
 
-// ---- gemv: MT (1..4) rows of x against weight rows [n0, n1) ---------------------------------
+// ---- gemv / int8: MT (1..4) rows of x against weight rows [n0, n1) --------------------------
 template <QFormat F, int MT, bool kInt8>
 void rows_mt(const QLinearProblem& p, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t chunks = p.K / 32, cpa = chunks_per_affine<F>(p);
   const int64_t units = p.K / p.xsum_unit;
+  // Independent accumulation chains per row of x: FMA latency (4 cycles) must not serialise
+  // the loop when MT is small. Half-scale formats keep each half in its own chains.
+  constexpr int kChains = (MT <= 2 || kHalfScales<F>) ? 4 : 2;
   const float* xs[MT];
-  for (int m = 0; m < MT; ++m) xs[m] = p.xsum + (m0 + m) * units;
+  const float* xr[MT];
+  for (int m = 0; m < MT; ++m) {
+    xs[m] = p.xsum + (m0 + m) * units;
+    xr[m] = p.x + (m0 + m) * p.x_stride;
+  }
   const __m256i ones16 = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = p.qdata + n * p.row_bytes;
-    __m256 acc[MT];
+    __m256 acc[MT][1];
     float off[MT];
     for (int m = 0; m < MT; ++m) {
-      acc[m] = _mm256_setzero_ps();
+      for (auto& v : acc[m]) v = _mm256_setzero_ps();
       off[m] = 0.f;
     }
-    for (int64_t c0 = 0; c0 < chunks; c0 += cpa) {
+    for (int64_t c0 = 0, g = 0; c0 < chunks; c0 += cpa, ++g) {
       float a[2], b[2];
-      chunk_affine<F>(p, row, n, c0, a, b);
       if constexpr (kInt8) {
+        chunk_affine<F, kSignedCodes<F>>(p, row, n, c0, g, a, b);
+        // Integer dot product of the whole group, then its scale once (the token's at the end).
+        // vpmaddubsw multiplies unsigned by signed bytes: 8-bit codes go through |q| and move
+        // their sign onto x. Codes of at most 4 bits keep int16 pair sums for up to
+        // kI16Chunks chunks (8 * 2 * 15 * 127 < 2^15) before widening to int32.
+        __m256i isum[MT], psum[MT];
+        for (int m = 0; m < MT; ++m) isum[m] = psum[m] = _mm256_setzero_si256();
+        int pending = 0;
         for (int64_t c = c0; c < c0 + cpa; ++c) {
           const __m256i q = chunk_codes<F>(row, c);
-          // vpmaddubsw multiplies unsigned by signed bytes: 8-bit codes go through |q| and
-          // move their sign onto x (|q| <= 128, so pair sums stay below 2^15).
           const __m256i qu = kSignedCodes<F> ? _mm256_sign_epi8(q, q) : q;
           for (int m = 0; m < MT; ++m) {
             __m256i xv = _mm256_loadu_si256(
                 reinterpret_cast<const __m256i*>(p.xq + (m0 + m) * p.K + 32 * c));
             if constexpr (kSignedCodes<F>) xv = _mm256_sign_epi8(xv, q);
-            const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qu, xv), ones16);
-            const float sx = p.xscale[(m0 + m) * chunks + c];
-            __m256 scale;
-            if constexpr (kHalfScales<F>) {
-              scale = _mm256_set_m128(_mm_set1_ps(a[1] * sx), _mm_set1_ps(a[0] * sx));
+            const __m256i pairs = _mm256_maddubs_epi16(qu, xv);
+            if constexpr (kI16Chunks<F> > 1) {
+              psum[m] = _mm256_add_epi16(psum[m], pairs);
             } else {
-              scale = _mm256_set1_ps(a[0] * sx);
+              isum[m] = _mm256_add_epi32(isum[m], _mm256_madd_epi16(pairs, ones16));
             }
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[m]);
+          }
+          if constexpr (kI16Chunks<F> > 1) {
+            if (++pending == kI16Chunks<F> || c + 1 == c0 + cpa) {
+              for (int m = 0; m < MT; ++m) {
+                isum[m] = _mm256_add_epi32(isum[m], _mm256_madd_epi16(psum[m], ones16));
+                psum[m] = _mm256_setzero_si256();
+              }
+              pending = 0;
+            }
           }
         }
+        __m256 scale;
+        if constexpr (kHalfScales<F>) {  // int32 lanes 0-3 hold the first 16 values
+          scale = _mm256_set_m128(_mm_set1_ps(a[1]), _mm_set1_ps(a[0]));
+        } else {
+          scale = _mm256_set1_ps(a[0]);
+        }
+        for (int m = 0; m < MT; ++m)
+          acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), scale, acc[m][0]);
       } else {
+        chunk_affine<F, kFloatSigned<F>>(p, row, n, c0, g, a, b);
         // Dot products of the codes, summed over the chunks sharing (a, b), then scaled once.
-        __m256 part[MT][2];
-        for (int m = 0; m < MT; ++m) part[m][0] = part[m][1] = _mm256_setzero_ps();
+        __m256 part[MT][kChains];
+        for (int m = 0; m < MT; ++m)
+          for (int j = 0; j < kChains; ++j) part[m][j] = _mm256_setzero_ps();
         for (int64_t c = c0; c < c0 + cpa; ++c) {
           __m256 f[4];
-          codes_to_float<F>(chunk_codes<F>(row, c), f);
-          for (int m = 0; m < MT; ++m) {
-            const float* x = p.x + (m0 + m) * p.x_stride + 32 * c;
-            part[m][0] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(x), part[m][0]);
-            part[m][1] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(x + 8), part[m][1]);
-            if constexpr (kHalfScales<F>) {  // second half has its own scale: keep it apart
-              __m256 h = _mm256_mul_ps(f[2], _mm256_loadu_ps(x + 16));
-              h = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(x + 24), h);
-              acc[m] = _mm256_fmadd_ps(h, _mm256_set1_ps(a[1]), acc[m]);
-            } else {
-              part[m][0] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(x + 16), part[m][0]);
-              part[m][1] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(x + 24), part[m][1]);
+          chunk_floats<F>(row, c, f);
+          for (int k = 0; k < 4; ++k)
+            for (int m = 0; m < MT; ++m) {
+              __m256& dst = part[m][k % kChains];
+              dst = _mm256_fmadd_ps(f[k], _mm256_loadu_ps(xr[m] + 32 * c + 8 * k), dst);
             }
+        }
+        for (int m = 0; m < MT; ++m) {
+          if constexpr (kHalfScales<F>) {  // chains 0-1: first 16 values, 2-3: second 16
+            acc[m][0] = _mm256_fmadd_ps(_mm256_add_ps(part[m][0], part[m][1]),
+                                        _mm256_set1_ps(a[0]), acc[m][0]);
+            acc[m][0] = _mm256_fmadd_ps(_mm256_add_ps(part[m][2], part[m][3]),
+                                        _mm256_set1_ps(a[1]), acc[m][0]);
+          } else {
+            __m256 sum = part[m][0];
+            for (int j = 1; j < kChains; ++j) sum = _mm256_add_ps(sum, part[m][j]);
+            acc[m][0] = _mm256_fmadd_ps(sum, _mm256_set1_ps(a[0]), acc[m][0]);
           }
         }
-        const __m256 av = _mm256_set1_ps(a[0]);
-        for (int m = 0; m < MT; ++m)
-          acc[m] = _mm256_fmadd_ps(_mm256_add_ps(part[m][0], part[m][1]), av, acc[m]);
       }
       // offsets b * sum(x) over the span of (a, b)
       if constexpr (is_gguf_format<F>) {
         for (int m = 0; m < MT; ++m) off[m] += b[0] * xs[m][2 * c0] + b[1] * xs[m][2 * c0 + 1];
       } else {
-        for (int m = 0; m < MT; ++m) off[m] += b[0] * xs[m][c0 / cpa];
+        for (int m = 0; m < MT; ++m) off[m] += b[0] * xs[m][g];
       }
     }
     const float bias = p.bias ? p.bias[n] : 0.f;
-    for (int m = 0; m < MT; ++m) p.y[(m0 + m) * p.y_stride + n] = hsum(acc[m]) + off[m] + bias;
+    for (int m = 0; m < MT; ++m) {
+      const float dot = hsum(acc[m][0]) * (kInt8 ? p.xscale[m0 + m] : 1.f);
+      p.y[(m0 + m) * p.y_stride + n] = dot + off[m] + bias;
+    }
   }
 }
 
@@ -213,9 +312,9 @@ void dequant_row(const QLinearProblem& p, int64_t n, int64_t k0, int64_t kc, flo
   const int64_t cpa = chunks_per_affine<F>(p);
   float a[2] = {0.f, 0.f}, b[2] = {0.f, 0.f};
   for (int64_t c = k0 / 32; c < (k0 + kc) / 32; ++c) {
-    if (c == k0 / 32 || c % cpa == 0) chunk_affine<F>(p, row, n, c, a, b);
+    if (c == k0 / 32 || c % cpa == 0) chunk_affine<F, kFloatSigned<F>>(p, row, n, c, c / cpa, a, b);
     __m256 f[4];
-    codes_to_float<F>(chunk_codes<F>(row, c), f);
+    chunk_floats<F>(row, c, f);
     const __m256 a0 = _mm256_set1_ps(a[0]), b0 = _mm256_set1_ps(b[0]);
     const __m256 a1 = _mm256_set1_ps(a[1]), b1 = _mm256_set1_ps(b[1]);
     float* d = dst + (c * 32 - k0);

@@ -69,14 +69,14 @@ void rows(const QLinearProblem& p, int64_t n0, int64_t n1) {
       float acc = 0.f;
       for (int64_t c = 0; c < chunks; ++c) {
         chunk_codes<F>(row, c, q);
-        chunk_affine<F>(p, row, n, c, a, b);
+        chunk_affine<F>(p, row, n, c, is_gguf_format<F> ? 0 : c / cpg, a, b);
         if constexpr (kInt8) {
           const int8_t* xq = p.xq + m * p.K + 32 * c;
-          const float sx = p.xscale[m * chunks + c];
+          const float sx = p.xscale[m];
           int32_t s0 = 0, s1 = 0;  // exact integer dot products of each half
           for (int i = 0; i < 16; ++i) s0 += q[i] * xq[i];
           for (int i = 16; i < 32; ++i) s1 += q[i] * xq[i];
-          acc += (a[0] * sx) * static_cast<float>(s0) + (a[1] * sx) * static_cast<float>(s1);
+          acc += sx * (a[0] * static_cast<float>(s0) + a[1] * static_cast<float>(s1));
         } else {
           const float* x = p.x + m * p.x_stride + 32 * c;
           float s0 = 0.f, s1 = 0.f;
@@ -122,20 +122,21 @@ void prepare_x_int8(const float* x, int64_t M, int64_t K, int64_t x_stride, int6
                     int8_t* xq, float* xscale, float* xsum) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * x_stride;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(xr[k]));
+    const float scale = amax / 127.f;
+    xscale[m] = scale;
     float* xs = xsum + m * (K / unit);
-    for (int64_t u = 0; u < K / unit; ++u) xs[u] = 0.f;
-    for (int64_t c = 0; c < K / 32; ++c) {
-      float amax = 0.f;
-      for (int i = 0; i < 32; ++i) amax = std::fmax(amax, std::fabs(xr[32 * c + i]));
-      const float scale = amax / 127.f;
-      xscale[m * (K / 32) + c] = scale;
-      for (int i = 0; i < 32; ++i) {
+    for (int64_t u = 0; u < K / unit; ++u) {
+      int32_t sum = 0;
+      for (int64_t k = u * unit; k < (u + 1) * unit; ++k) {
         // round half away from zero (std::round), the reference's rule
-        const float v = scale > 0.f ? std::round(xr[32 * c + i] / scale) : 0.f;
+        const float v = scale > 0.f ? std::round(xr[k] / scale) : 0.f;
         const int32_t qv = static_cast<int32_t>(std::fmax(-127.f, std::fmin(127.f, v)));
-        xq[m * K + 32 * c + i] = static_cast<int8_t>(qv);
-        xs[(32 * c + i) / unit] += scale * static_cast<float>(qv);
+        xq[m * K + k] = static_cast<int8_t>(qv);
+        sum += qv;
       }
+      xs[u] = scale * static_cast<float>(sum);
     }
   }
 }

@@ -16,9 +16,9 @@ struct QLinearProblem {
   // the unit is the span of one (scale, offset) pair: group_size for int formats, 16 for GGUF
   const float* xsum = nullptr;    // [M, K / xsum_unit]
   int64_t xsum_unit = 16;
-  // int8 activations (act_quant == "int8"): per 32-value block, xq = round(x / xscale)
+  // int8 activations (act_quant == "int8"), per token: xq = round(x / xscale)
   const int8_t* xq = nullptr;     // [M, K]
-  const float* xscale = nullptr;  // [M, K / 32]
+  const float* xscale = nullptr;  // [M]
   // packed weight
   QFormat fmt = QFormat::INT4;
   const uint8_t* qdata = nullptr;  // [N, row_bytes]
@@ -41,7 +41,8 @@ void qlinear_gemv_avx2(const QLinearProblem& p, int64_t n0, int64_t n1);
 constexpr int64_t kGemmPanel = 16;
 void qlinear_gemm_generic(const QLinearProblem& p, int64_t n0, int64_t n1);
 void qlinear_gemm_avx2(const QLinearProblem& p, int64_t n0, int64_t n1);
-// int8 activations: integer dot products per 32-value chunk, fp32 scales after each chunk.
+// int8 activations (W4A8 in the manner of DGQ): integer dot products summed over each weight
+// group, the group's scale applied once after its integer dot product, the token's at the end.
 void qlinear_int8_generic(const QLinearProblem& p, int64_t n0, int64_t n1);
 void qlinear_int8_avx2(const QLinearProblem& p, int64_t n0, int64_t n1);
 
@@ -49,8 +50,8 @@ void qlinear_int8_avx2(const QLinearProblem& p, int64_t n0, int64_t n1);
 // xsum[m, u] = sum of x[m, unit*u : unit*(u+1)]   (unit: a multiple of 16 dividing K)
 void prepare_x_sums(const float* x, int64_t M, int64_t K, int64_t x_stride, int64_t unit,
                     float* xsum);
-// Per 32-block symmetric int8: xscale = max|x| / 127, xq = round_half_away(x / xscale) (0 when
-// the block is all zero), xsum[m, u] = sum over the unit of xscale * xq.
+// Per-token symmetric int8: xscale[m] = max|x[m]| / 127, xq = round_half_away(x / xscale) (0 for
+// an all-zero row), xsum[m, u] = xscale[m] * sum of xq over the unit.
 void prepare_x_int8(const float* x, int64_t M, int64_t K, int64_t x_stride, int64_t unit,
                     int8_t* xq, float* xscale, float* xsum);
 

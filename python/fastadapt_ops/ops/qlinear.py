@@ -28,8 +28,9 @@ def qlinear(
     if out is None:
         return torch.ops.fastadapt.qlinear(
             x, qdata, scales, zeros, bias, fmt, in_features, group_size, act_quant)
-    return torch.ops.fastadapt.qlinear.out(
+    torch.ops.fastadapt.qlinear.out(
         x, qdata, scales, zeros, bias, fmt, in_features, group_size, act_quant, out=out)
+    return out
 
 
 @torch.library.register_fake("fastadapt::qlinear")
@@ -39,3 +40,10 @@ def _qlinear_fake(x, qdata, scales, zeros, bias, fmt, in_features, group_size, a
     torch._check(qdata.dim() == 2, lambda: "fastadapt::qlinear: qdata must be 2-D")
     # the kernel returns a fresh contiguous tensor
     return x.new_empty((*x.shape[:-1], qdata.shape[0]))
+
+
+@torch.library.register_fake("fastadapt::qlinear.out")
+def _qlinear_out_fake(x, qdata, scales, zeros, bias, fmt, in_features, group_size,
+                      act_quant="none", *, out):
+    torch._check(tuple(out.shape) == (*x.shape[:-1], qdata.shape[0]),
+                 lambda: "fastadapt::qlinear: out has the wrong shape")
