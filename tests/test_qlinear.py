@@ -231,3 +231,19 @@ def test_torch_compile_fullgraph_and_export():
     ep = torch.export.export(M(), (x,))
     assert any("fastadapt.qlinear" in str(n.target) for n in ep.graph.nodes)
     torch.testing.assert_close(ep.module()(x), f(x))
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("fmt, K, gs", [("int4", 96, 96), ("int4", 96, 32), ("int4", 160, 32),
+                                        ("int4", 192, 64), ("q4_0", 96, 0), ("q4_1", 160, 0),
+                                        ("q8_0", 96, 0), ("int3", 96, 96), ("int2", 160, 32)])
+def test_int8_activations_odd_chunk_counts(path, fmt, K, gs):
+    """Kernels that step two 32-value chunks at a time must handle a lone last chunk and groups
+    of an odd number of chunks."""
+    N = 23
+    qd, s, z, gs = _weight(fmt, N, K, gs or None, seed=K)
+    for M in (1, 5):
+        x = torch.randn(M, K)
+        with _use_path(path):
+            y = qlinear(x, qd, s, z, None, fmt, K, gs, "int8")
+        _check(y, x, qd, s, z, None, fmt, K, gs, "int8")

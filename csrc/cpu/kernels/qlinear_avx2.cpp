@@ -301,6 +301,144 @@ void rows_all_m(const QLinearProblem& p, int64_t n0, int64_t n1) {
   }
 }
 
+// ---- int8 path for the nibble formats (int4, Q4_0, Q4_1): two chunks per step ---------------
+// The 16 code bytes of chunks c and c+1 sit in one ymm (one lane each); `& 0xF` gives codes 0-15
+// of both chunks, `>> 4` codes 16-31. Rather than shuffling the codes back into order, x is
+// stored once per call in the matching order: per 64 values [c 0-15, c+1 0-15, c 16-31,
+// c+1 16-31]. A lone last chunk (K/32 odd) keeps its natural order.
+template <QFormat F> constexpr bool kNibbleFormat =
+    F == QFormat::INT4 || F == QFormat::Q4_0 || F == QFormat::Q4_1;
+
+inline void interleave_pairs(const int8_t* src, int64_t K, int8_t* dst) {
+  const int64_t pairs = K / 64;
+  for (int64_t i = 0; i < pairs; ++i) {
+    const int8_t* s = src + 64 * i;
+    int8_t* d = dst + 64 * i;
+    std::memcpy(d, s, 16);
+    std::memcpy(d + 16, s + 32, 16);
+    std::memcpy(d + 32, s + 16, 16);
+    std::memcpy(d + 48, s + 48, 16);
+  }
+  if (K % 64) std::memcpy(dst + 64 * pairs, src + 64 * pairs, 32);
+}
+
+template <QFormat F>
+inline const uint8_t* nibble_bytes(const uint8_t* row, int64_t c) {
+  return F == QFormat::INT4 ? row + c * 16 : F == QFormat::Q4_0 ? row + c * 18 + 2 : row + c * 20 + 4;
+}
+
+template <QFormat F, int MT>
+void int8_nibble_rows(const QLinearProblem& p, const int8_t* xi, int64_t m0, int64_t n0,
+                      int64_t n1) {
+  const int64_t chunks = p.K / 32, cpa = chunks_per_affine<F>(p);
+  const int64_t units = p.K / p.xsum_unit;
+  const __m256i m4 = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);
+  // Int formats whose groups hold an even number of chunks sum integers over the whole group;
+  // otherwise (GGUF blocks, 32-wide groups) each chunk of a pair keeps its own scale lane.
+  const bool group_sums = !is_gguf_format<F> && cpa % 2 == 0;
+  const int8_t* xr[MT];
+  const float* xs[MT];
+  for (int m = 0; m < MT; ++m) {
+    xr[m] = xi + (m0 + m) * p.K;
+    xs[m] = p.xsum + (m0 + m) * units;
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.qdata + n * p.row_bytes;
+    __m256 acc[MT];
+    float off[MT];
+    for (int m = 0; m < MT; ++m) {
+      acc[m] = _mm256_setzero_ps();
+      off[m] = 0.f;
+    }
+    auto pair_dot = [&](int64_t c, __m256i d[MT]) {  // int32 lanes 0-3: chunk c, 4-7: c + 1
+      __m256i v;
+      if constexpr (F == QFormat::INT4) {
+        v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 16));
+      } else {
+        v = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(nibble_bytes<F>(row, c + 1)),
+                                reinterpret_cast<const __m128i*>(nibble_bytes<F>(row, c)));
+      }
+      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      for (int m = 0; m < MT; ++m) {
+        const __m256i* x = reinterpret_cast<const __m256i*>(xr[m] + 32 * c);
+        // pair sums stay below 2 * 2 * 15 * 127 < 2^15
+        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(x)),
+                                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256(x + 1)));
+        d[m] = _mm256_madd_epi16(s16, ones16);
+      }
+    };
+    int64_t c = 0;
+    if (group_sums) {
+      for (int64_t g = 0; c < chunks; ++g) {
+        float a[2], b[2];
+        chunk_affine<F>(p, row, n, c, g, a, b);
+        __m256i isum[MT];
+        for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
+        for (const int64_t ce = c + cpa; c < ce; c += 2) {
+          __m256i d[MT];
+          pair_dot(c, d);
+          for (int m = 0; m < MT; ++m) isum[m] = _mm256_add_epi32(isum[m], d[m]);
+        }
+        const __m256 av = _mm256_set1_ps(a[0]);
+        for (int m = 0; m < MT; ++m) {
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), av, acc[m]);
+          off[m] += b[0] * xs[m][g];
+        }
+      }
+    } else {
+      auto offset = [&](int m, int64_t cc, const float b[2]) {  // b * sum(x) of chunk cc
+        if constexpr (is_gguf_format<F>) return b[0] * (xs[m][2 * cc] + xs[m][2 * cc + 1]);
+        else return cc % cpa == 0 ? b[0] * xs[m][cc / cpa] : 0.f;
+      };
+      for (; c + 1 < chunks; c += 2) {
+        float a0[2], b0[2], a1[2], b1[2];
+        chunk_affine<F>(p, row, n, c, is_gguf_format<F> ? 0 : c / cpa, a0, b0);
+        chunk_affine<F>(p, row, n, c + 1, is_gguf_format<F> ? 0 : (c + 1) / cpa, a1, b1);
+        const __m256 scale = _mm256_set_m128(_mm_set1_ps(a1[0]), _mm_set1_ps(a0[0]));
+        __m256i d[MT];
+        pair_dot(c, d);
+        for (int m = 0; m < MT; ++m) {
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), scale, acc[m]);
+          off[m] += offset(m, c, b0) + offset(m, c + 1, b1);
+        }
+      }
+      if (c < chunks) {  // a lone last chunk, x in natural order
+        float a[2], b[2];
+        chunk_affine<F>(p, row, n, c, is_gguf_format<F> ? 0 : c / cpa, a, b);
+        const __m256i q = chunk_codes<F>(row, c);
+        for (int m = 0; m < MT; ++m) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + 32 * c));
+          const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones16);
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(a[0]), acc[m]);
+          off[m] += offset(m, c, b);
+        }
+      }
+    }
+    const float bias = p.bias ? p.bias[n] : 0.f;
+    for (int m = 0; m < MT; ++m)
+      p.y[(m0 + m) * p.y_stride + n] = hsum(acc[m]) * p.xscale[m0 + m] + off[m] + bias;
+  }
+}
+
+template <QFormat F>
+void int8_nibble_all_m(const QLinearProblem& p, int64_t n0, int64_t n1) {
+  thread_local std::vector<int8_t> xbuf;  // x in pair-interleaved order, reused across calls
+  if (static_cast<int64_t>(xbuf.size()) < p.M * p.K) xbuf.resize(p.M * p.K);
+  for (int64_t m = 0; m < p.M; ++m) interleave_pairs(p.xq + m * p.K, p.K, xbuf.data() + m * p.K);
+  constexpr int64_t kRowBlock = 4;
+  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+    const int64_t ne = std::min(n1, nb + kRowBlock);
+    for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+      switch (std::min<int64_t>(4, p.M - m0)) {
+        case 1: int8_nibble_rows<F, 1>(p, xbuf.data(), m0, nb, ne); break;
+        case 2: int8_nibble_rows<F, 2>(p, xbuf.data(), m0, nb, ne); break;
+        case 3: int8_nibble_rows<F, 3>(p, xbuf.data(), m0, nb, ne); break;
+        default: int8_nibble_rows<F, 4>(p, xbuf.data(), m0, nb, ne); break;
+      }
+    }
+  }
+}
+
 // ---- gemm ------------------------------------------------------------------------------------
 constexpr int64_t kMaxKc = 2048;  // K block: a 16 x 2048 fp32 panel is 128 KiB, inside L2
 
@@ -406,7 +544,13 @@ void qlinear_gemv_avx2(const QLinearProblem& p, int64_t n0, int64_t n1) {
 }
 
 void qlinear_int8_avx2(const QLinearProblem& p, int64_t n0, int64_t n1) {
-  FASTADAPT_DISPATCH_QFORMAT(p.fmt, F, [&] { rows_all_m<F, true>(p, n0, n1); });
+  FASTADAPT_DISPATCH_QFORMAT(p.fmt, F, [&] {
+    if constexpr (kNibbleFormat<F>) {
+      int8_nibble_all_m<F>(p, n0, n1);
+    } else {
+      rows_all_m<F, true>(p, n0, n1);
+    }
+  });
 }
 
 void qlinear_gemm_avx2(const QLinearProblem& p, int64_t n0, int64_t n1) {
