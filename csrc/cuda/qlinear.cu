@@ -46,42 +46,20 @@ namespace qlinear_cuda {
 // ---- small helpers (host-callable too, so the decoders can be unit-tested on the CPU) -------
 
 // Read-only loads. Alignment is the caller's promise (see each decoder).
-FA_HD uint32_t ld_u16(const uint8_t* p) {
+template <typename T>
+FA_HD T ld_ro(const uint8_t* p) {
 #ifdef __CUDA_ARCH__
-  return __ldg(reinterpret_cast<const unsigned short*>(p));
+  return __ldg(reinterpret_cast<const T*>(p));
 #else
-  uint16_t v;
-  std::memcpy(&v, p, 2);
+  T v;
+  std::memcpy(&v, p, sizeof(T));
   return v;
 #endif
 }
-FA_HD uint32_t ld_u32(const uint8_t* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(reinterpret_cast<const unsigned int*>(p));
-#else
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-#endif
-}
-FA_HD uint2 ld_u64(const uint8_t* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(reinterpret_cast<const uint2*>(p));
-#else
-  uint2 v;
-  std::memcpy(&v, p, 8);
-  return v;
-#endif
-}
-FA_HD uint4 ld_u128(const uint8_t* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(reinterpret_cast<const uint4*>(p));
-#else
-  uint4 v;
-  std::memcpy(&v, p, 16);
-  return v;
-#endif
-}
+FA_HD uint32_t ld_u16(const uint8_t* p) { return ld_ro<unsigned short>(p); }
+FA_HD uint32_t ld_u32(const uint8_t* p) { return ld_ro<unsigned int>(p); }
+FA_HD uint2 ld_u64(const uint8_t* p) { return ld_ro<uint2>(p); }
+FA_HD uint4 ld_u128(const uint8_t* p) { return ld_ro<uint4>(p); }
 // 4 * NW bytes from a 2-byte aligned address (GGUF Q4_0 / Q8_0 / Q6_K blocks are only 2-byte
 // aligned) as NW little-endian words, with 32-bit loads: when p is 2 mod 4, load the aligned
 // words around it and shift by 16. Never touches a byte outside [p & ~3, p + 4 * NW).

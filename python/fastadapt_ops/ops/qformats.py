@@ -189,6 +189,21 @@ def _validate_K(fmt, K: int, arg: str = "in_features") -> QFormatInfo:
     return info
 
 
+def _check_group_tensor(name, t, dtypes, dtype_names, N, G, dev) -> None:
+    """A per-group tensor (scales or zeros): a tensor of one of `dtypes`, shape [N, G], on dev."""
+    if not isinstance(t, torch.Tensor):
+        raise _err(f"{name} must be a tensor; got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise _err(f"{name} must be {dtype_names}; got {t.dtype}")
+    if tuple(t.shape) != (N, G):
+        raise _err(
+            f"{name} must have shape [out_features, in_features // group_size] = [{N}, {G}]; "
+            f"got {list(t.shape)}"
+        )
+    if t.device != dev:
+        raise _err(f"{name} must be on the device of qdata ({dev}); got {t.device}")
+
+
 def validate_packed(
     qdata: torch.Tensor,
     scales: Optional[torch.Tensor],
@@ -229,29 +244,9 @@ def validate_packed(
     G = K // gs
     if scales is None:
         raise _err(f"scales is required for format {info.name}")
-    if not isinstance(scales, torch.Tensor):
-        raise _err(f"scales must be a tensor; got {type(scales).__name__}")
-    if scales.dtype not in SCALE_DTYPES:
-        raise _err(f"scales must be float32, float16 or bfloat16; got {scales.dtype}")
-    if tuple(scales.shape) != (N, G):
-        raise _err(
-            f"scales must have shape [out_features, in_features // group_size] = [{N}, {G}]; "
-            f"got {list(scales.shape)}"
-        )
-    if scales.device != dev:
-        raise _err(f"scales must be on the device of qdata ({dev}); got {scales.device}")
+    _check_group_tensor("scales", scales, SCALE_DTYPES, "float32, float16 or bfloat16", N, G, dev)
     if zeros is not None:
-        if not isinstance(zeros, torch.Tensor):
-            raise _err(f"zeros must be a tensor or None; got {type(zeros).__name__}")
-        if zeros.dtype != torch.uint8:
-            raise _err(f"zeros must be uint8; got {zeros.dtype}")
-        if tuple(zeros.shape) != (N, G):
-            raise _err(
-                f"zeros must have shape [out_features, in_features // group_size] = [{N}, {G}]; "
-                f"got {list(zeros.shape)}"
-            )
-        if zeros.device != dev:
-            raise _err(f"zeros must be on the device of qdata ({dev}); got {zeros.device}")
+        _check_group_tensor("zeros", zeros, (torch.uint8,), "uint8", N, G, dev)
     return info
 
 
