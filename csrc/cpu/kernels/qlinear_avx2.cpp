@@ -175,6 +175,62 @@ inline int64_t chunks_per_affine(const QLinearProblem& p) {
   return is_gguf_format<F> ? 1 : p.group_size / 32;
 }
 
+// ---- per-row affine prologue -------------------------------------------------------------------
+// (a, b) of every affine unit of a weight row, computed once per row by a vectorised prologue so
+// that the dot-product loops only read them: int formats have one pair per group, GGUF formats
+// one per 16-value half (a[2c], a[2c + 1] for chunk c). Returns the number of units, which is
+// also the length of that row of xsum (the glue sets xsum_unit to match).
+template <QFormat F, bool kSigned>
+int64_t row_affine(const QLinearProblem& p, const uint8_t* row, int64_t n, float* a, float* b) {
+  if constexpr (is_gguf_format<F>) {
+    const int64_t chunks = p.K / 32;
+    for (int64_t c = 0; c < chunks; ++c)
+      chunk_affine<F, kSigned>(p, row, n, c, 0, a + 2 * c, b + 2 * c);
+    return 2 * chunks;
+  } else {
+    const int64_t G = p.groups, base = n * G;
+    int64_t g = 0;
+    if (p.scale_type == ScaleType::F32) {
+      std::memcpy(a, static_cast<const float*>(p.scales) + base, sizeof(float) * G);
+      g = G;
+    } else {
+      const uint16_t* s16 = static_cast<const uint16_t*>(p.scales) + base;
+      for (; g + 8 <= G; g += 8) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + g));
+        const __m256 v = p.scale_type == ScaleType::F16
+                             ? _mm256_cvtph_ps(h)
+                             : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        _mm256_storeu_ps(a + g, v);
+      }
+    }
+    for (; g < G; ++g) a[g] = load_scale(p, base + g);
+    const float zsym = static_cast<float>(1 << (static_cast<int>(F) - 1));
+    const uint8_t* z = p.zeros ? p.zeros + base : nullptr;
+    for (g = 0; g < G; ++g) {
+      const float zg = z ? static_cast<float>(z[g]) : zsym;
+      b[g] = kSigned ? a[g] * (128.f - zg) : -a[g] * zg;
+    }
+    return G;
+  }
+}
+
+inline float dot(const float* u, const float* v, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(u + i), _mm256_loadu_ps(v + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += u[i] * v[i];
+  return s;
+}
+
+// Thread-local scratch for one row's affine pairs (the hot path allocates once per thread).
+inline float* affine_scratch(const QLinearProblem& p) {
+  thread_local std::vector<float> buf;
+  const size_t need = 3 * static_cast<size_t>(std::max(p.K / 16, p.groups));
+  if (buf.size() < need) buf.resize(need);
+  return buf.data();
+}
+
 // ---- gemv / int8: MT (1..4) rows of x against weight rows [n0, n1) --------------------------
 template <QFormat F, int MT, bool kInt8>
 void rows_mt(const QLinearProblem& p, int64_t m0, int64_t n0, int64_t n1) {
@@ -183,25 +239,25 @@ void rows_mt(const QLinearProblem& p, int64_t m0, int64_t n0, int64_t n1) {
   // Independent accumulation chains per row of x: FMA latency (4 cycles) must not serialise
   // the loop when MT is small. Half-scale formats keep each half in its own chains.
   constexpr int kChains = (MT <= 2 || kHalfScales<F>) ? 4 : 2;
+  constexpr bool kSigned = kInt8 ? kSignedCodes<F> : kFloatSigned<F>;
   const float* xs[MT];
   const float* xr[MT];
   for (int m = 0; m < MT; ++m) {
     xs[m] = p.xsum + (m0 + m) * units;
     xr[m] = p.x + (m0 + m) * p.x_stride;
   }
+  float* A = affine_scratch(p);
+  float* B = A + std::max(p.K / 16, p.groups);
   const __m256i ones16 = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = p.qdata + n * p.row_bytes;
-    __m256 acc[MT][1];
-    float off[MT];
-    for (int m = 0; m < MT; ++m) {
-      for (auto& v : acc[m]) v = _mm256_setzero_ps();
-      off[m] = 0.f;
-    }
+    row_affine<F, kSigned>(p, row, n, A, B);
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t c0 = 0, g = 0; c0 < chunks; c0 += cpa, ++g) {
-      float a[2], b[2];
+      const float a0 = is_gguf_format<F> ? A[2 * c0] : A[g];
+      const float a1 = is_gguf_format<F> ? A[2 * c0 + 1] : a0;
       if constexpr (kInt8) {
-        chunk_affine<F, kSignedCodes<F>>(p, row, n, c0, g, a, b);
         // Integer dot product of the whole group, then its scale once (the token's at the end).
         // vpmaddubsw multiplies unsigned by signed bytes: 8-bit codes go through |q| and move
         // their sign onto x. Codes of at most 4 bits keep int16 pair sums for up to
@@ -233,16 +289,12 @@ void rows_mt(const QLinearProblem& p, int64_t m0, int64_t n0, int64_t n1) {
             }
           }
         }
-        __m256 scale;
-        if constexpr (kHalfScales<F>) {  // int32 lanes 0-3 hold the first 16 values
-          scale = _mm256_set_m128(_mm_set1_ps(a[1]), _mm_set1_ps(a[0]));
-        } else {
-          scale = _mm256_set1_ps(a[0]);
-        }
+        // int32 lanes 0-3 hold the first 16 values of a chunk (Q6_K scales them apart)
+        const __m256 scale = kHalfScales<F> ? _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0))
+                                            : _mm256_set1_ps(a0);
         for (int m = 0; m < MT; ++m)
-          acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), scale, acc[m][0]);
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), scale, acc[m]);
       } else {
-        chunk_affine<F, kFloatSigned<F>>(p, row, n, c0, g, a, b);
         // Dot products of the codes, summed over the chunks sharing (a, b), then scaled once.
         __m256 part[MT][kChains];
         for (int m = 0; m < MT; ++m)
@@ -258,28 +310,21 @@ void rows_mt(const QLinearProblem& p, int64_t m0, int64_t n0, int64_t n1) {
         }
         for (int m = 0; m < MT; ++m) {
           if constexpr (kHalfScales<F>) {  // chains 0-1: first 16 values, 2-3: second 16
-            acc[m][0] = _mm256_fmadd_ps(_mm256_add_ps(part[m][0], part[m][1]),
-                                        _mm256_set1_ps(a[0]), acc[m][0]);
-            acc[m][0] = _mm256_fmadd_ps(_mm256_add_ps(part[m][2], part[m][3]),
-                                        _mm256_set1_ps(a[1]), acc[m][0]);
+            acc[m] = _mm256_fmadd_ps(_mm256_add_ps(part[m][0], part[m][1]), _mm256_set1_ps(a0), acc[m]);
+            acc[m] = _mm256_fmadd_ps(_mm256_add_ps(part[m][2], part[m][3]), _mm256_set1_ps(a1), acc[m]);
           } else {
             __m256 sum = part[m][0];
             for (int j = 1; j < kChains; ++j) sum = _mm256_add_ps(sum, part[m][j]);
-            acc[m][0] = _mm256_fmadd_ps(sum, _mm256_set1_ps(a[0]), acc[m][0]);
+            acc[m] = _mm256_fmadd_ps(sum, _mm256_set1_ps(a0), acc[m]);
           }
         }
-      }
-      // offsets b * sum(x) over the span of (a, b)
-      if constexpr (is_gguf_format<F>) {
-        for (int m = 0; m < MT; ++m) off[m] += b[0] * xs[m][2 * c0] + b[1] * xs[m][2 * c0 + 1];
-      } else {
-        for (int m = 0; m < MT; ++m) off[m] += b[0] * xs[m][g];
       }
     }
     const float bias = p.bias ? p.bias[n] : 0.f;
     for (int m = 0; m < MT; ++m) {
-      const float dot = hsum(acc[m][0]) * (kInt8 ? p.xscale[m0 + m] : 1.f);
-      p.y[(m0 + m) * p.y_stride + n] = dot + off[m] + bias;
+      // offsets: sum over units of b * sum(x), as one vector dot product
+      const float dotq = hsum(acc[m]) * (kInt8 ? p.xscale[m0 + m] : 1.f);
+      p.y[(m0 + m) * p.y_stride + n] = dotq + dot(B, xs[m], units) + bias;
     }
   }
 }
@@ -334,7 +379,7 @@ void int8_nibble_rows(const QLinearProblem& p, const int8_t* xi, int64_t m0, int
   const int64_t units = p.K / p.xsum_unit;
   const __m256i m4 = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);
   // Int formats whose groups hold an even number of chunks sum integers over the whole group;
-  // otherwise (GGUF blocks, 32-wide groups) each chunk of a pair keeps its own scale lane.
+  // otherwise (GGUF blocks, odd groups) each chunk of a pair keeps its own scale lane.
   const bool group_sums = !is_gguf_format<F> && cpa % 2 == 0;
   const int8_t* xr[MT];
   const float* xs[MT];
@@ -342,14 +387,15 @@ void int8_nibble_rows(const QLinearProblem& p, const int8_t* xi, int64_t m0, int
     xr[m] = xi + (m0 + m) * p.K;
     xs[m] = p.xsum + (m0 + m) * units;
   }
+  const int64_t cap = std::max(p.K / 16, p.groups);
+  float* A = affine_scratch(p);
+  float* B = A + cap;
+  float* Achunk = B + cap;  // the scale of every chunk (non-group_sums path)
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = p.qdata + n * p.row_bytes;
+    row_affine<F, false>(p, row, n, A, B);
     __m256 acc[MT];
-    float off[MT];
-    for (int m = 0; m < MT; ++m) {
-      acc[m] = _mm256_setzero_ps();
-      off[m] = 0.f;
-    }
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
     auto pair_dot = [&](int64_t c, __m256i d[MT]) {  // int32 lanes 0-3: chunk c, 4-7: c + 1
       __m256i v;
       if constexpr (F == QFormat::INT4) {
@@ -367,11 +413,9 @@ void int8_nibble_rows(const QLinearProblem& p, const int8_t* xi, int64_t m0, int
         d[m] = _mm256_madd_epi16(s16, ones16);
       }
     };
-    int64_t c = 0;
     if (group_sums) {
+      int64_t c = 0;
       for (int64_t g = 0; c < chunks; ++g) {
-        float a[2], b[2];
-        chunk_affine<F>(p, row, n, c, g, a, b);
         __m256i isum[MT];
         for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
         for (const int64_t ce = c + cpa; c < ce; c += 2) {
@@ -379,44 +423,37 @@ void int8_nibble_rows(const QLinearProblem& p, const int8_t* xi, int64_t m0, int
           pair_dot(c, d);
           for (int m = 0; m < MT; ++m) isum[m] = _mm256_add_epi32(isum[m], d[m]);
         }
-        const __m256 av = _mm256_set1_ps(a[0]);
-        for (int m = 0; m < MT; ++m) {
-          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), av, acc[m]);
-          off[m] += b[0] * xs[m][g];
-        }
+        const __m256 av = _mm256_set1_ps(A[g]);
+        for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), av, acc[m]);
       }
     } else {
-      auto offset = [&](int m, int64_t cc, const float b[2]) {  // b * sum(x) of chunk cc
-        if constexpr (is_gguf_format<F>) return b[0] * (xs[m][2 * cc] + xs[m][2 * cc + 1]);
-        else return cc % cpa == 0 ? b[0] * xs[m][cc / cpa] : 0.f;
-      };
+      if constexpr (is_gguf_format<F>) {
+        for (int64_t c = 0; c < chunks; ++c) Achunk[c] = A[2 * c];
+      } else {
+        for (int64_t g = 0, c = 0; g < p.groups; ++g)
+          for (int64_t j = 0; j < cpa; ++j) Achunk[c++] = A[g];
+      }
+      int64_t c = 0;
       for (; c + 1 < chunks; c += 2) {
-        float a0[2], b0[2], a1[2], b1[2];
-        chunk_affine<F>(p, row, n, c, is_gguf_format<F> ? 0 : c / cpa, a0, b0);
-        chunk_affine<F>(p, row, n, c + 1, is_gguf_format<F> ? 0 : (c + 1) / cpa, a1, b1);
-        const __m256 scale = _mm256_set_m128(_mm_set1_ps(a1[0]), _mm_set1_ps(a0[0]));
+        const __m256 scale = _mm256_set_m128(_mm_set1_ps(Achunk[c + 1]), _mm_set1_ps(Achunk[c]));
         __m256i d[MT];
         pair_dot(c, d);
-        for (int m = 0; m < MT; ++m) {
-          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), scale, acc[m]);
-          off[m] += offset(m, c, b0) + offset(m, c + 1, b1);
-        }
+        for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), scale, acc[m]);
       }
       if (c < chunks) {  // a lone last chunk, x in natural order
-        float a[2], b[2];
-        chunk_affine<F>(p, row, n, c, is_gguf_format<F> ? 0 : c / cpa, a, b);
         const __m256i q = chunk_codes<F>(row, c);
+        const __m256 av = _mm256_set1_ps(Achunk[c]);
         for (int m = 0; m < MT; ++m) {
           const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + 32 * c));
           const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones16);
-          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(a[0]), acc[m]);
-          off[m] += offset(m, c, b);
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), av, acc[m]);
         }
       }
     }
     const float bias = p.bias ? p.bias[n] : 0.f;
     for (int m = 0; m < MT; ++m)
-      p.y[(m0 + m) * p.y_stride + n] = hsum(acc[m]) * p.xscale[m0 + m] + off[m] + bias;
+      p.y[(m0 + m) * p.y_stride + n] =
+          hsum(acc[m]) * p.xscale[m0 + m] + dot(B, xs[m], units) + bias;
   }
 }
 
