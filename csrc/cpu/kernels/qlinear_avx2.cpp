@@ -184,8 +184,32 @@ template <QFormat F, bool kSigned>
 int64_t row_affine(const QLinearProblem& p, const uint8_t* row, int64_t n, float* a, float* b) {
   if constexpr (is_gguf_format<F>) {
     const int64_t chunks = p.K / 32;
-    for (int64_t c = 0; c < chunks; ++c)
-      chunk_affine<F, kSigned>(p, row, n, c, 0, a + 2 * c, b + 2 * c);
+    int64_t c = 0;
+    if constexpr (F == QFormat::Q4_0 || F == QFormat::Q4_1 || F == QFormat::Q8_0) {
+      // 8 blocks at a time: gather the fp16 d (and m) fields, widen with one vcvtph2ps, and
+      // store each value twice (one per 16-value half)
+      constexpr int64_t bs = F == QFormat::Q4_0 ? 18 : F == QFormat::Q4_1 ? 20 : 34;
+      auto store_pairs = [](float* dst, __m256 v) {
+        const __m256 lo = _mm256_unpacklo_ps(v, v), hi = _mm256_unpackhi_ps(v, v);
+        _mm256_storeu_ps(dst, _mm256_permute2f128_ps(lo, hi, 0x20));
+        _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+      };
+      for (; c + 8 <= chunks; c += 8) {
+        alignas(16) uint16_t d16[8], m16[8];
+        for (int j = 0; j < 8; ++j) {
+          std::memcpy(&d16[j], row + (c + j) * bs, 2);
+          if constexpr (F == QFormat::Q4_1) std::memcpy(&m16[j], row + (c + j) * bs + 2, 2);
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(d16)));
+        __m256 off;
+        if constexpr (F == QFormat::Q4_0) off = _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+        else if constexpr (F == QFormat::Q4_1) off = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(m16)));
+        else off = _mm256_setzero_ps();
+        store_pairs(a + 2 * c, d);
+        store_pairs(b + 2 * c, off);
+      }
+    }
+    for (; c < chunks; ++c) chunk_affine<F, kSigned>(p, row, n, c, 0, a + 2 * c, b + 2 * c);
     return 2 * chunks;
   } else {
     const int64_t G = p.groups, base = n * G;
@@ -253,7 +277,11 @@ void rows_mt(const QLinearProblem& p, int64_t m0, int64_t n0, int64_t n1) {
     const uint8_t* row = p.qdata + n * p.row_bytes;
     row_affine<F, kSigned>(p, row, n, A, B);
     __m256 acc[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    __m256 gacc[MT][kChains];  // GGUF fp path: per-chain accumulators
+    for (int m = 0; m < MT; ++m) {
+      acc[m] = _mm256_setzero_ps();
+      for (int j = 0; j < kChains; ++j) gacc[m][j] = _mm256_setzero_ps();
+    }
     for (int64_t c0 = 0, g = 0; c0 < chunks; c0 += cpa, ++g) {
       const float a0 = is_gguf_format<F> ? A[2 * c0] : A[g];
       const float a1 = is_gguf_format<F> ? A[2 * c0 + 1] : a0;
@@ -294,6 +322,32 @@ void rows_mt(const QLinearProblem& p, int64_t m0, int64_t n0, int64_t n1) {
                                             : _mm256_set1_ps(a0);
         for (int m = 0; m < MT; ++m)
           acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), scale, acc[m]);
+      } else if constexpr (is_gguf_format<F>) {
+        // One chunk per (a, b): scale the widened codes, then one FMA per vector into
+        // independent chains (no per-chunk reduction on the critical path).
+        __m256 f[4];
+        chunk_floats<F>(row, c0, f);
+        if constexpr (kHalfScales<F>) {
+          const __m256 va0 = _mm256_set1_ps(a0), va1 = _mm256_set1_ps(a1);
+          for (int k = 0; k < 4; ++k) {
+            const __m256 w = _mm256_mul_ps(f[k], k < 2 ? va0 : va1);
+            for (int m = 0; m < MT; ++m) {
+              __m256& dst = gacc[m][k % kChains];
+              dst = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr[m] + 32 * c0 + 8 * k), dst);
+            }
+          }
+        } else {  // two short chains per chunk, then one scaled FMA into alternating accumulators
+          const __m256 va = _mm256_set1_ps(a0);
+          for (int m = 0; m < MT; ++m) {
+            const float* x = xr[m] + 32 * c0;
+            __m256 t0 = _mm256_mul_ps(f[0], _mm256_loadu_ps(x));
+            __m256 t1 = _mm256_mul_ps(f[1], _mm256_loadu_ps(x + 8));
+            t0 = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(x + 16), t0);
+            t1 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(x + 24), t1);
+            __m256& dst = gacc[m][c0 & 1];
+            dst = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), va, dst);
+          }
+        }
       } else {
         // Dot products of the codes, summed over the chunks sharing (a, b), then scaled once.
         __m256 part[MT][kChains];
@@ -323,7 +377,10 @@ void rows_mt(const QLinearProblem& p, int64_t m0, int64_t n0, int64_t n1) {
     const float bias = p.bias ? p.bias[n] : 0.f;
     for (int m = 0; m < MT; ++m) {
       // offsets: sum over units of b * sum(x), as one vector dot product
-      const float dotq = hsum(acc[m]) * (kInt8 ? p.xscale[m0 + m] : 1.f);
+      __m256 total = acc[m];
+      if constexpr (!kInt8 && is_gguf_format<F>)
+        for (int j = 0; j < kChains; ++j) total = _mm256_add_ps(total, gacc[m][j]);
+      const float dotq = hsum(total) * (kInt8 ? p.xscale[m0 + m] : 1.f);
       p.y[(m0 + m) * p.y_stride + n] = dotq + dot(B, xs[m], units) + bias;
     }
   }
