@@ -626,26 +626,32 @@ __global__ void __launch_bounds__(kGemmThreads) qgemm_kernel(const KernelArgs ar
 
 constexpr int64_t kMaxGridY = 65535;
 
-template <QFormat F, typename T, int MAXM, int R>
-cudaError_t launch_gemv(KernelArgs args, cudaStream_t stream) {
-  const int64_t blocks_n = (args.N + kGemvWarps * R - 1) / (kGemvWarps * R);
+// gridDim.y is limited to 65535: walk very large M in slices of at most 65535 * ROWS rows,
+// launching `launch(sliced_args, grid)` for each.
+template <typename T, int ROWS, typename Launch>
+cudaError_t launch_m_slices(const KernelArgs& args, int64_t blocks_n, Launch launch) {
   if (blocks_n > 0x7FFFFFFF) return cudaErrorInvalidValue;
-  // gridDim.y is limited to 65535: walk very large M in slices.
-  const int64_t rows_per_launch = kMaxGridY * MAXM;
+  const int64_t rows_per_launch = kMaxGridY * ROWS;
   const T* x = static_cast<const T*>(args.x);
   T* out = static_cast<T*>(args.out);
-  const int64_t M = args.M;
-  for (int64_t m = 0; m < M; m += rows_per_launch) {
+  for (int64_t m = 0; m < args.M; m += rows_per_launch) {
     KernelArgs a = args;
     a.x = x + m * args.x_stride;
     a.out = out + m * args.out_stride;
-    a.M = M - m < rows_per_launch ? M - m : rows_per_launch;
-    const dim3 grid(static_cast<unsigned>(blocks_n), static_cast<unsigned>((a.M + MAXM - 1) / MAXM));
-    qgemv_kernel<F, T, MAXM, R><<<grid, kGemvThreads, 0, stream>>>(a);
+    a.M = args.M - m < rows_per_launch ? args.M - m : rows_per_launch;
+    launch(a, dim3(static_cast<unsigned>(blocks_n), static_cast<unsigned>((a.M + ROWS - 1) / ROWS)));
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+template <QFormat F, typename T, int MAXM, int R>
+cudaError_t launch_gemv(const KernelArgs& args, cudaStream_t stream) {
+  const int64_t blocks_n = (args.N + kGemvWarps * R - 1) / (kGemvWarps * R);
+  return launch_m_slices<T, MAXM>(args, blocks_n, [&](const KernelArgs& a, dim3 grid) {
+    qgemv_kernel<F, T, MAXM, R><<<grid, kGemvThreads, 0, stream>>>(a);
+  });
 }
 
 template <QFormat F, typename T>
@@ -658,24 +664,11 @@ cudaError_t dispatch_gemv(const KernelArgs& args, cudaStream_t stream) {
 }
 
 template <QFormat F, typename T, int BM>
-cudaError_t launch_gemm(KernelArgs args, cudaStream_t stream) {
+cudaError_t launch_gemm(const KernelArgs& args, cudaStream_t stream) {
   const int64_t blocks_n = (args.N + kGemmBN - 1) / kGemmBN;
-  if (blocks_n > 0x7FFFFFFF) return cudaErrorInvalidValue;
-  const int64_t rows_per_launch = kMaxGridY * BM;
-  const T* x = static_cast<const T*>(args.x);
-  T* out = static_cast<T*>(args.out);
-  const int64_t M = args.M;
-  for (int64_t m = 0; m < M; m += rows_per_launch) {
-    KernelArgs a = args;
-    a.x = x + m * args.x_stride;
-    a.out = out + m * args.out_stride;
-    a.M = M - m < rows_per_launch ? M - m : rows_per_launch;
-    const dim3 grid(static_cast<unsigned>(blocks_n), static_cast<unsigned>((a.M + BM - 1) / BM));
+  return launch_m_slices<T, BM>(args, blocks_n, [&](const KernelArgs& a, dim3 grid) {
     qgemm_kernel<F, T, BM><<<grid, kGemmThreads, 0, stream>>>(a);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  });
 }
 
 template <QFormat F, typename T>
