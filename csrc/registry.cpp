@@ -16,4 +16,9 @@ TORCH_LIBRARY(fastadapt, m) {
   m.def(
       "qlinear.out(Tensor x, Tensor qdata, Tensor? scales, Tensor? zeros, Tensor? bias, str fmt, "
       "int in_features, int group_size, str act_quant='none', *, Tensor(a!) out) -> ()");
+
+  // ---- between the matmuls of a decoder layer ---------------------------------------------
+  // y = x * rsqrt(mean(x^2, -1) + eps) * weight over the last dim, fp32 math, x's dtype out.
+  // With residual: residual += x in place first and the sum is normalised (pre-norm decoders).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!)? residual=None) -> Tensor");
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-FAMILIES = ("qlinear",)
+FAMILIES = ("qlinear", "rms_norm")
 
 __all__ = ["FAMILIES", "main"]
 

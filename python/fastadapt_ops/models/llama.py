@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import qformats as qf
+from ..ops.rms_norm import rms_norm
 from ..quant import QuantizedWeight
 from .config import ModelConfig
 
@@ -210,9 +211,11 @@ class LlamaModel:
         if T > 1 and p0 > 0:  # queries at p0..S-1 see keys 0..their own position
             mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=p0)
 
-        x = self._embed(ids)  # [T, H]
+        x = self._embed(ids)  # [T, H], the residual stream
+        delta = None  # the last block output not yet added into x (added by the fused norm)
         for li, L in enumerate(self.layers):
-            h = F.rms_norm(x, (x.shape[-1],), L.attn_norm, eps)
+            # x += delta; h = rmsnorm(x): one fused op instead of an add and a norm
+            h = rms_norm(x, L.attn_norm, eps) if delta is None else rms_norm(delta, L.attn_norm, eps, x)
             qkv = self._mm(h, L.wqkv)  # [T, nq + 2 nk]
             # RoPE (rotate-half) on q and k at once: x*cos + [-x2, x1]*sin
             qk = qkv[:, :nq + nk].view(T, nh + nkv, hd)
@@ -237,16 +240,15 @@ class LlamaModel:
                 else:
                     o = F.scaled_dot_product_attention(qt, K[None], V[None], attn_mask=mask, enable_gqa=True)
                 o = o[0].transpose(0, 1).reshape(T, nq)
-            x.add_(self._mm(o, L.wo))
-            h = F.rms_norm(x, (x.shape[-1],), L.ffn_norm, eps)
+            h = rms_norm(self._mm(o, L.wo), L.ffn_norm, eps, x)  # x += attn out; h = norm(x)
             gu = self._mm(h, L.wgu)  # [T, 2 ffn]
             a = F.silu(gu[:, :c.ffn]).mul_(gu[:, c.ffn:])
-            x.add_(self._mm(a, L.wdown))
+            delta = self._mm(a, L.wdown)
         self.pos = S
-        if not all_logits:
-            x = x[-1:]
-        x = F.rms_norm(x, (x.shape[-1],), self.out_norm, eps)
-        return self._mm(x, self.lm_head)
+        if not all_logits:  # only the last position's logits are needed
+            x, delta = x[-1:], delta[-1:]
+        h = rms_norm(delta, self.out_norm, eps, x)
+        return self._mm(h, self.lm_head)
 
     @torch.inference_mode()
     def prefill(self, tokens: Union[Sequence[int], torch.Tensor], all_logits: bool = False,
