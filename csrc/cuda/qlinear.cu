@@ -302,24 +302,31 @@ FA_UNROLL
 
 // ---- activation types -----------------------------------------------------------------------
 
+// 16 consecutive 16-bit values from a 32-byte aligned address, widened by Widen(uint32 pair).
+template <typename Widen>
+__device__ __forceinline__ void load16_pairs(const void* p, float (&v)[16], Widen widen) {
+  const uint4* p4 = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const uint4 u = __ldg(p4 + j);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 f = widen(w[e]);
+      v[8 * j + 2 * e] = f.x;
+      v[8 * j + 2 * e + 1] = f.y;
+    }
+  }
+}
+
 template <typename T> struct ActTraits;
 template <> struct ActTraits<__half> {
-  // 16 consecutive values from a 32-byte aligned address.
   static __device__ __forceinline__ void load16(const __half* p, float (&v)[16]) {
-    const uint4* p4 = reinterpret_cast<const uint4*>(p);
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const uint4 u = __ldg(p4 + j);
-      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        __half2 h;
-        memcpy(&h, &w[e], 4);
-        const float2 f = __half22float2(h);
-        v[8 * j + 2 * e] = f.x;
-        v[8 * j + 2 * e + 1] = f.y;
-      }
-    }
+    load16_pairs(p, v, [](uint32_t w) {
+      __half2 h;
+      memcpy(&h, &w, 4);
+      return __half22float2(h);
+    });
   }
   static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     const __half2 h = __floats2half2_rn(lo, hi);
@@ -331,17 +338,9 @@ template <> struct ActTraits<__half> {
 };
 template <> struct ActTraits<__nv_bfloat16> {
   static __device__ __forceinline__ void load16(const __nv_bfloat16* p, float (&v)[16]) {
-    const uint4* p4 = reinterpret_cast<const uint4*>(p);
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const uint4 u = __ldg(p4 + j);
-      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {  // bf16 -> fp32 is a shift
-        v[8 * j + 2 * e] = __uint_as_float(w[e] << 16);
-        v[8 * j + 2 * e + 1] = __uint_as_float(w[e] & 0xFFFF0000u);
-      }
-    }
+    load16_pairs(p, v, [](uint32_t w) {  // bf16 -> fp32 is a shift
+      return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+    });
   }
   static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
