@@ -36,7 +36,6 @@ enum class QFormat : int32_t {
 enum class ScaleType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
 
 inline bool is_gguf(QFormat f) { return static_cast<int32_t>(f) >= 100; }
-inline int format_bits(QFormat f) { return is_gguf(f) ? 0 : static_cast<int32_t>(f); }
 
 // Values per block along K and bytes per block.
 inline int64_t block_values(QFormat f) {
