@@ -21,4 +21,10 @@ TORCH_LIBRARY(fastadapt, m) {
   // y = x * rsqrt(mean(x^2, -1) + eps) * weight over the last dim, fp32 math, x's dtype out.
   // With residual: residual += x in place first and the sum is normalised (pre-norm decoders).
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!)? residual=None) -> Tensor");
+
+  // ---- RoPE and SwiGLU (decoder-layer fusions) ---------------------------------------------
+
+  // ---- paged KV cache and attention --------------------------------------------------------
+
+  // ---- token merging and pruning -----------------------------------------------------------
 }
