@@ -122,3 +122,25 @@ def test_group_size_and_parsing():
     assert args.tag == "" and args.m_list == [1, 4, 16, 64, 512] and len(args.shape_list) == 7
     with pytest.raises(SystemExit):
         bq.normalize_args(bq.make_parser().parse_args(["--formats", "int5"]))
+
+
+def test_bench_e2e_smoke(tmp_path, keep_threads, smollm2_gguf_path):
+    """The end-to-end bench on the real model, our engine only, a few tokens: rows, the decode
+    split and the bytes per token are written and consistent."""
+    from fastadapt_ops.bench import e2e
+
+    args = e2e.make_parser().parse_args(
+        ["--model", smollm2_gguf_path, "--threads", "1", "--prompt-tokens", "12", "--decode-tokens", "3",
+         "--repeats", "1", "--engines", "fastadapt", "--bw-mib", "64", "--out", str(tmp_path)])
+    res = e2e.run(args)
+    (row,) = res["rows"]
+    assert row["engine"] == "fastadapt" and row["threads"] == 1
+    assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["decode_gbps"] > 0
+    split = res["split"]
+    # the profiled op times are measured, the rest is what the unprofiled wall time leaves
+    assert 0 < split["matmul_frac"] < 1.5 and 0 < split["attention_frac"] < 1.5
+    assert split["rest_us"] == pytest.approx(
+        max(split["per_token_us"] - split["matmul_us"] - split["attention_us"], 0.0))
+    assert res["bytes_per_token"]["weight_bytes"] > 50e6  # SmolLM2 Q4_1 block matrices + Q8_0 head
+    data = json.loads(next(tmp_path.glob("*/e2e.json")).read_text())
+    assert data["columns"] == e2e.COLUMNS and data["meta"]["decode_split"]["per_token_us"] > 0
