@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -363,7 +362,7 @@ def test_llama3_rope_model(tmp_path):
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 32, "rope_theta": 10000.0}
     path = save_hf(make_hf_model("llama", seed=15, rope_parameters=llama3), tmp_path / "l3")
-    assert load.__module__ and read_hf_dir(path, with_tokenizer=False).config.rope_scaling == "llama3"
+    assert read_hf_dir(path, with_tokenizer=False).config.rope_scaling == "llama3"
     if not HAS_ROPE_MODULE:
         with pytest.raises(NotImplementedError, match="llama3 RoPE scaling"):
             load(path)
@@ -432,6 +431,9 @@ def test_error_unsupported_architecture(llama_dir):
     _edit_config(llama_dir, architectures=["GPT2LMHeadModel"])
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
         load(llama_dir)
+    _edit_config(llama_dir, architectures=["LlamaForCausalLM"], quantization_config={"quant_method": "gptq"})
+    with pytest.raises(ValueError, match="pre-quantized HF checkpoints \\(quant_method 'gptq'\\)"):
+        load(llama_dir)
 
 
 def test_error_missing_and_unexpected_tensors(llama_dir):
@@ -489,4 +491,3 @@ def test_hf_tensor_name_map():
     assert hf_tensor_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
     with pytest.raises(ValueError, match="does not use"):
         hf_tensor_name("transformer.h.0.attn.c_attn.weight")
-    assert np is not None

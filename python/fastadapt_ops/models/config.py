@@ -148,6 +148,11 @@ class ModelConfig:
             raise ValueError(f"fastadapt_ops.models: unsupported architecture {shown!r} in config.json "
                              f"(supported: {', '.join(HF_ARCHITECTURES)})")
         arch = HF_ARCHITECTURES[hf_arch]
+        qc = cfg.get("quantization_config")
+        if qc:
+            method = qc.get("quant_method") if isinstance(qc, dict) else qc
+            raise ValueError(f"fastadapt_ops.models: pre-quantized HF checkpoints (quant_method {method!r}) are "
+                             "not supported; load the float checkpoint (optionally with quantize=...)")
 
         def req(key):
             if cfg.get(key) is None:
