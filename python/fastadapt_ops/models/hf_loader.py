@@ -152,7 +152,7 @@ def is_hf_dir(path) -> bool:
     return os.path.isdir(p) and os.path.isfile(os.path.join(p, "config.json"))
 
 
-def weight_files(path: str) -> Dict[str, List[str]]:
+def weight_files(path: str) -> Dict[str, Optional[List[str]]]:
     """``{shard file: [tensor names]}`` from the index, or every ``*.safetensors`` file."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -172,7 +172,23 @@ def weight_files(path: str) -> Dict[str, List[str]]:
         others = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".gguf")))
         hint = f" (found {others}; only safetensors weights are read from an HF directory)" if others else ""
         raise FileNotFoundError(f"{_P}{path} has config.json but no *.safetensors weights{hint}")
-    return {f: None for f in files}  # type: ignore[misc]
+    return {f: None for f in files}  # None: every tensor of the file
+
+
+def _read_config(path: str):
+    """(config.json dict, ModelConfig)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{_P}{path} has no config.json (not an HF model directory)")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{_P}{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{_P}{cfg_path} is not a JSON object")
+    name = raw.get("_name_or_path") or os.path.basename(os.path.normpath(path))
+    return raw, ModelConfig.from_hf_config(raw, name=name)
 
 
 class HFContents:
@@ -222,13 +238,8 @@ def read_hf_dir(path: Union[str, os.PathLike], quantize: Optional[str] = None, g
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{_P}{path} is not a directory")
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{_P}{path} has no config.json (not an HF model directory)")
     check_quantize(quantize, group_size)
-    with open(cfg_path, encoding="utf-8") as f:
-        raw = json.load(f)
-    cfg = ModelConfig.from_hf_config(raw, name=raw.get("_name_or_path") or os.path.basename(os.path.normpath(path)))
+    raw, cfg = _read_config(path)
     shards = weight_files(path)
     jobs = []  # (file, hf name)
     for shard, names in shards.items():
@@ -281,13 +292,7 @@ def check_window(cfg: ModelConfig, max_ctx: int) -> None:
 
 def read_hf_config(path) -> ModelConfig:
     """The ModelConfig of an HF directory's config.json (no weights read)."""
-    cfg_path = os.path.join(os.fspath(path), "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{_P}{os.fspath(path)} has no config.json (not an HF model directory)")
-    with open(cfg_path, encoding="utf-8") as f:
-        raw = json.load(f)
-    return ModelConfig.from_hf_config(raw, name=raw.get("_name_or_path") or os.path.basename(
-        os.path.normpath(os.fspath(path))))
+    return _read_config(os.fspath(path))[1]
 
 
 def load_hf(path, max_ctx: Optional[int] = None, quantize: Optional[str] = None, group_size=128,
