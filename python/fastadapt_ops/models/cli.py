@@ -43,7 +43,7 @@ def cmd_generate(args) -> int:
     from . import generate, load
 
     _threads(args)
-    model = load(args.model, threads=args.threads)
+    model = load(args.model, threads=args.threads, quantize=args.quantize, group_size=args.group_size)
     stream = None
     if not args.json:
         stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
@@ -63,7 +63,8 @@ def cmd_perplexity(args) -> int:
     from . import load, perplexity
 
     _threads(args)
-    model = load(args.model, threads=args.threads, max_ctx=max(args.ctx, 16))
+    model = load(args.model, threads=args.threads, max_ctx=max(args.ctx, 16), quantize=args.quantize,
+                 group_size=args.group_size)
     if model.tokenizer is None:
         raise SystemExit(f"fastadapt perplexity: {args.model} has no tokenizer")
     with open(args.file, encoding="utf-8") as f:
@@ -80,7 +81,8 @@ def cmd_perplexity(args) -> int:
 
 
 def _hf_compare(path: str, ids, new_tokens: int) -> None:
-    """Prefill/decode tokens/s of HF transformers fp32 on the same GGUF (greedy, same prompt ids)."""
+    """Prefill/decode tokens/s of HF transformers fp32 on the same GGUF file or HF directory
+    (greedy, same prompt ids)."""
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -92,11 +94,16 @@ def _hf_compare(path: str, ids, new_tokens: int) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    print("Loading HF transformers fp32 from the same GGUF file (dequantizes every tensor)...", flush=True)
+    is_dir = os.path.isdir(path)
+    print("Loading HF transformers fp32 from the same " +
+          ("directory..." if is_dir else "GGUF file (dequantizes every tensor)..."), flush=True)
     t = time.perf_counter()
     try:
-        m = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32)
+        if is_dir:
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            m = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                     dtype=torch.float32)
     except Exception as e:  # noqa: BLE001  (accelerate missing, old transformers...)
         print(f"HF transformers could not load the GGUF file: {e}")
         return
@@ -143,10 +150,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_quantize_args(parser) -> None:
+    from .hf_loader import QUANTIZE_CHOICES
+
+    parser.add_argument("--quantize", default=None, choices=sorted(QUANTIZE_CHOICES),
+                        help="quantize the float block matrices once at load (norms/embeddings stay float)")
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="values per scale for --quantize int4/int8 (-1 = per channel)")
+
+
 def add_subcommands(subparsers) -> None:
     """Add ``generate``, ``perplexity`` and ``demo`` to an argparse sub-parsers object."""
-    g = subparsers.add_parser("generate", help="generate text with a GGUF model")
-    g.add_argument("--model", default="smollm2", help="'smollm2' or a path to a .gguf file")
+    g = subparsers.add_parser("generate", help="generate text with a GGUF model or an HF directory")
+    g.add_argument("--model", default="smollm2",
+                   help="'smollm2', a path to a .gguf file, or an HF model directory (config.json + *.safetensors)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -156,6 +173,7 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_quantize_args(g)
     g.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("perplexity", help="perplexity of a text file")
@@ -164,6 +182,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
+    _add_quantize_args(p)
     p.set_defaults(func=cmd_perplexity)
 
     d = subparsers.add_parser("demo", help="chat with SmolLM2 and compare speed with HF transformers")

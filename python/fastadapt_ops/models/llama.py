@@ -8,6 +8,9 @@ Quantized weights stay in their stored GGUF format; q, k and v (and gate and up)
 row-wise into one packed weight when they share a format, so one kernel call reads the activation
 once. GGUF stores attn_q / attn_k rows permuted for llama.cpp's interleaved RoPE; the loader undoes
 that row permutation (rows are whole in the packed data), so RoPE here is the rotate-half form.
+HF checkpoints (and GGUF qwen2, which llama.cpp runs with NEOX RoPE) are already in rotate-half
+layout: build those with ``qk_permuted=False``. Optional biases (Qwen2's q/k/v, Llama's
+``attention_bias``) are fused in the same row order and added by the projection itself.
 """
 
 from __future__ import annotations
@@ -53,26 +56,30 @@ def _unpermute_rows(n_heads: int, rows: int) -> torch.Tensor:
 
 def _take_rows(w: Weight, idx: torch.Tensor) -> Weight:
     if isinstance(w, QuantizedWeight):
-        return QuantizedWeight(w.qdata[idx].contiguous(), None, None, w.fmt, w.shape, w.group_size)
+        pick = lambda t: None if t is None else t[idx].contiguous()  # noqa: E731
+        return QuantizedWeight(pick(w.qdata), pick(w.scales), pick(w.zeros), w.fmt, w.shape, w.group_size)
     return w[idx].contiguous()
 
 
 def _fuse(parts: Sequence[Weight]) -> Weight:
     """Concatenate output rows into one weight (same format), or keep a list when impossible."""
-    if all(isinstance(p, QuantizedWeight) and p.is_gguf for p in parts):
-        fmts = {p.fmt for p in parts}
-        ks = {p.in_features for p in parts}
-        if len(fmts) == 1 and len(ks) == 1:
-            q = torch.cat([p.qdata for p in parts], 0).contiguous()
+    if all(isinstance(p, QuantizedWeight) for p in parts):
+        # same packing (format, K, groups, scale dtype, zero points or none): rows concatenate
+        keys = {(p.fmt, p.in_features, p.group_size, p.scales is None or p.scales.dtype, p.zeros is None)
+                for p in parts}
+        if len(keys) == 1:
+            cat = lambda ts: None if ts[0] is None else torch.cat(ts, 0).contiguous()  # noqa: E731
             n = sum(p.out_features for p in parts)
-            return QuantizedWeight(q, None, None, parts[0].fmt, (n, parts[0].in_features), parts[0].group_size)
+            return QuantizedWeight(cat([p.qdata for p in parts]), cat([p.scales for p in parts]),
+                                   cat([p.zeros for p in parts]), parts[0].fmt, (n, parts[0].in_features),
+                                   parts[0].group_size)
     if all(isinstance(p, torch.Tensor) for p in parts):
         return torch.cat(list(parts), 0).contiguous()
     return list(parts)  # mixed formats: one call each
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "wqkv", "wo", "ffn_norm", "wgu", "wdown")
+    __slots__ = ("attn_norm", "wqkv", "bqkv", "wo", "bo", "ffn_norm", "wgu", "wdown")
 
 
 class LlamaModel:
@@ -81,10 +88,14 @@ class LlamaModel:
     ``prefill(tokens)`` runs a prompt from position 0 (resetting the cache) and returns the
     logits of the last position (``[vocab]``) or of all positions (``[T, vocab]``);
     ``decode_one(token)`` appends one token and returns its logits ``[vocab]``.
+
+    qk_permuted: attn_q / attn_k rows (and biases) are in llama.cpp's interleaved-RoPE order
+    (GGUF llama) and get un-permuted; False for rotate-half checkpoints (HF, GGUF qwen2).
+    Optional tensors ``blk.{i}.attn_{q,k,v,output}.bias`` add biases to the projections.
     """
 
     def __init__(self, config: ModelConfig, tensors: Dict[str, Weight], tokenizer=None,
-                 max_ctx: Optional[int] = None, dtype: torch.dtype = torch.float32):
+                 max_ctx: Optional[int] = None, dtype: torch.dtype = torch.float32, qk_permuted: bool = True):
         self.config = c = config
         self.tokenizer = tokenizer
         self.dtype = dtype
@@ -110,20 +121,39 @@ class LlamaModel:
                                  f"expected {tuple(shape)}")
             return w if isinstance(w, QuantizedWeight) else w.to(dtype).contiguous()
 
+        def bias(name, n):  # optional float bias [n]
+            b = get(name, required=False)
+            if b is None:
+                return None
+            if isinstance(b, QuantizedWeight) or tuple(b.shape) != (n,):
+                raise ValueError(f"fastadapt_ops.models: tensor {name!r} must be a float vector of {n}; got "
+                                 f"{b.fmt if isinstance(b, QuantizedWeight) else tuple(b.shape)}")
+            return b.to(dtype).contiguous()
+
         H, hd, nh, nkv = c.hidden, c.head_dim, c.n_heads, c.n_kv_heads
-        perm_q = _unpermute_rows(nh, nh * hd)
-        perm_k = _unpermute_rows(nkv, nkv * hd)
+        self.qk_permuted = bool(qk_permuted)
+        perm_q = _unpermute_rows(nh, nh * hd) if qk_permuted else None
+        perm_k = _unpermute_rows(nkv, nkv * hd) if qk_permuted else None
+        take = lambda w, idx: w if idx is None else _take_rows(w, idx)  # noqa: E731
         self.layers: List[_Layer] = []
         for i in range(c.n_layers):
             p = f"blk.{i}."
             L = _Layer()
             L.attn_norm = vec(p + "attn_norm.weight")
             L.ffn_norm = vec(p + "ffn_norm.weight")
-            wq = _take_rows(mat(p + "attn_q.weight", (nh * hd, H)), perm_q)
-            wk = _take_rows(mat(p + "attn_k.weight", (nkv * hd, H)), perm_k)
+            wq = take(mat(p + "attn_q.weight", (nh * hd, H)), perm_q)
+            wk = take(mat(p + "attn_k.weight", (nkv * hd, H)), perm_k)
             wv = mat(p + "attn_v.weight", (nkv * hd, H))
             L.wqkv = _fuse([wq, wk, wv])
+            bq, bk, bv = (bias(p + "attn_q.bias", nh * hd), bias(p + "attn_k.bias", nkv * hd),
+                          bias(p + "attn_v.bias", nkv * hd))
+            L.bqkv = None
+            if bq is not None or bk is not None or bv is not None:  # fused like the rows: [nq + 2 nk]
+                zero = lambda b, n: torch.zeros(n, dtype=dtype) if b is None else b  # noqa: E731
+                L.bqkv = torch.cat([take(zero(bq, nh * hd), perm_q), take(zero(bk, nkv * hd), perm_k),
+                                    zero(bv, nkv * hd)]).contiguous()
             L.wo = mat(p + "attn_output.weight", (H, nh * hd))
+            L.bo = bias(p + "attn_output.bias", H)
             L.wgu = _fuse([mat(p + "ffn_gate.weight", (c.ffn, H)), mat(p + "ffn_up.weight", (c.ffn, H))])
             L.wdown = mat(p + "ffn_down.weight", (H, c.ffn))
             self.layers.append(L)
@@ -167,16 +197,18 @@ class LlamaModel:
 
     # ---- kernels -------------------------------------------------------------------------
     @staticmethod
-    def _mm(x: torch.Tensor, w) -> torch.Tensor:
+    def _mm(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x @ w^T (+ bias)``; w: float, QuantizedWeight, or a list of them (bias split by rows)."""
         if isinstance(w, QuantizedWeight):
             if _QLINEAR is not None and x.dtype != torch.float64:
-                return _QLINEAR(x, w.qdata, None, None, None, w.fmt, w.in_features, w.group_size, "none")
+                return _QLINEAR(x, w.qdata, w.scales, w.zeros, bias, w.fmt, w.in_features, w.group_size, "none")
             from ..quant import linear
 
-            return linear(x, w)
+            return linear(x, w, bias)
         if isinstance(w, list):
-            return torch.cat([LlamaModel._mm(x, p) for p in w], -1)
-        return F.linear(x, w)
+            bs = [None] * len(w) if bias is None else bias.split([p.shape[0] for p in w])
+            return torch.cat([LlamaModel._mm(x, p, b) for p, b in zip(w, bs)], -1)
+        return F.linear(x, w, bias)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         e = self.embed
@@ -216,7 +248,7 @@ class LlamaModel:
         for li, L in enumerate(self.layers):
             # x += delta; h = rmsnorm(x): one fused op instead of an add and a norm
             h = rms_norm(x, L.attn_norm, eps) if delta is None else rms_norm(delta, L.attn_norm, eps, x)
-            qkv = self._mm(h, L.wqkv)  # [T, nq + 2 nk]
+            qkv = self._mm(h, L.wqkv, L.bqkv)  # [T, nq + 2 nk]
             # RoPE (rotate-half) on q and k at once: x*cos + [-x2, x1]*sin
             qk = qkv[:, :nq + nk].view(T, nh + nkv, hd)
             qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:].neg(), qk[..., :half]], -1), sin)
@@ -240,7 +272,7 @@ class LlamaModel:
                 else:
                     o = F.scaled_dot_product_attention(qt, K[None], V[None], attn_mask=mask, enable_gqa=True)
                 o = o[0].transpose(0, 1).reshape(T, nq)
-            h = rms_norm(self._mm(o, L.wo), L.ffn_norm, eps, x)  # x += attn out; h = norm(x)
+            h = rms_norm(self._mm(o, L.wo, L.bo), L.ffn_norm, eps, x)  # x += attn out; h = norm(x)
             gu = self._mm(h, L.wgu)  # [T, 2 ffn]
             a = F.silu(gu[:, :c.ffn]).mul_(gu[:, c.ffn:])
             delta = self._mm(a, L.wdown)

@@ -1,12 +1,15 @@
-"""Tokenizer from a GGUF file's ``tokenizer.ggml.*`` metadata (gpt2-style byte-level BPE).
+"""Tokenizer from a GGUF file's ``tokenizer.ggml.*`` metadata (gpt2-style byte-level BPE), or
+from an HF directory's ``tokenizer.json`` + ``tokenizer_config.json``.
 
 Built on the HF ``tokenizers`` library: a BPE model over the file's vocabulary and merges, a
 byte-level pre-tokenizer and decoder, and the control tokens (``<|im_start|>``...) as special
-tokens so they are matched whole in text.
+tokens so they are matched whole in text. An HF ``tokenizer.json`` is used as it is.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 __all__ = ["Tokenizer"]
@@ -60,6 +63,59 @@ class Tokenizer:
                    eos_token_id=opt("tokenizer.ggml.eos_token_id"),
                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
                    chat_template=meta.get("tokenizer.chat_template"), special_ids=special)
+
+    @classmethod
+    def from_hf_dir(cls, path: str, config: Optional[Dict[str, Any]] = None) -> Optional["Tokenizer"]:
+        """From ``tokenizer.json`` (required; None when absent) and ``tokenizer_config.json``
+        (bos/eos tokens, ``add_bos_token``, ``chat_template``; also ``chat_template.jinja``).
+        ``config``: the model's config.json dict, for bos/eos ids the tokenizer files lack."""
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tj):
+            return None
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError as e:
+            raise ImportError("fastadapt_ops.models.Tokenizer needs the tokenizers package: "
+                              "pip install tokenizers") from e
+        tk = HFTokenizer.from_file(tj)
+        tc: Dict[str, Any] = {}
+        tcp = os.path.join(path, "tokenizer_config.json")
+        if os.path.isfile(tcp):
+            with open(tcp, encoding="utf-8") as f:
+                tc = json.load(f)
+        config = config or {}
+
+        def token_id(key):
+            t = tc.get(key)
+            if isinstance(t, dict):
+                t = t.get("content")
+            tid = tk.token_to_id(t) if isinstance(t, str) else None
+            if tid is None:  # fall back to the model config's id (the first of a list)
+                v = config.get(key + "_id")
+                if isinstance(v, (list, tuple)):
+                    v = v[0] if v else None
+                tid = None if v is None else int(v)
+            return tid
+
+        bos, eos = token_id("bos_token"), token_id("eos_token")
+        if "add_bos_token" in tc:
+            add_bos = bool(tc["add_bos_token"])
+        else:  # a post-processor that prepends bos (Llama 3 style): prepend it ourselves
+            with_sp = tk.encode("a", add_special_tokens=True).ids
+            add_bos = bos is not None and bool(with_sp) and with_sp[0] == bos and \
+                tk.encode("a", add_special_tokens=False).ids[:1] != [bos]
+        tmpl = tc.get("chat_template")
+        if isinstance(tmpl, list):  # [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
+            tmpl = named.get("default") or next(iter(named.values()), None)
+        jinja_file = os.path.join(path, "chat_template.jinja")
+        if not tmpl and os.path.isfile(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                tmpl = f.read()
+        special = [i for i, t in tk.get_added_tokens_decoder().items() if t.special] \
+            if hasattr(tk, "get_added_tokens_decoder") else []
+        return cls(tk, bos_token_id=bos, eos_token_id=eos, add_bos=add_bos,
+                   chat_template=tmpl if isinstance(tmpl, str) else None, special_ids=special)
 
     # ---- text <-> ids ---------------------------------------------------------------------
     def encode(self, text: str, add_bos: Optional[bool] = None) -> List[int]:
