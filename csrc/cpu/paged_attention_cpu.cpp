@@ -25,6 +25,8 @@ namespace {
 constexpr int64_t kPrefixTile = 64;   // queries of one prefix work unit
 constexpr int64_t kMinSplitKeys = 256;  // never split a row into units of fewer keys
 constexpr int64_t kUnitsPerThread = 8;
+// below this many query x key x D multiply-adds a call runs on the calling thread alone
+constexpr int64_t kMinParallelWork = 1 << 18;
 
 struct Kernels {
   decltype(&paged_attn_partial_generic) partial;
@@ -108,14 +110,13 @@ void run_plan(const Plan& plan, const at::Tensor& q32, const at::Tensor& k_pages
     return row;
   };
   // the queries of every group, gathered and pre-scaled: qg [nq, D]
+  // (serial: it is as small as q, and every parallel region costs a fork/join)
   std::vector<float> qg(static_cast<size_t>(nq * D));
-  at::parallel_for(0, nq, std::max<int64_t>(1, 4096 / D), [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      const float* src = qp + plan.qidx[i] * D;
-      float* dst = qg.data() + i * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
-    }
-  });
+  for (int64_t i = 0; i < nq; ++i) {
+    const float* src = qp + plan.qidx[i] * D;
+    float* dst = qg.data() + i * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
+  }
   // partial states: unit u of group g at offsets (t - g.t0) * M within the group's block
   std::vector<int64_t> off(static_cast<size_t>(nu));
   int64_t tot = 0;
@@ -126,7 +127,11 @@ void run_plan(const Plan& plan, const at::Tensor& q32, const at::Tensor& k_pages
     }
   std::vector<float> acc(static_cast<size_t>(tot * D)), mx(static_cast<size_t>(tot)),
       sm(static_cast<size_t>(tot));
-  at::parallel_for(0, nu, 1, [&](int64_t a, int64_t b) {
+  // small problems run inline (no parallel region): fewer than kMinParallelWork query-keys
+  int64_t work = 0;
+  for (const auto& un : plan.units) work += (un.k1 - un.k0) * plan.groups[un.group].M;
+  const int64_t unit_grain = work * D < kMinParallelWork ? std::max<int64_t>(nu, 1) : 1;
+  at::parallel_for(0, nu, unit_grain, [&](int64_t a, int64_t b) {
     for (int64_t u = a; u < b; ++u) {
       const Unit& un = plan.units[u];
       const Group& g = plan.groups[un.group];
@@ -134,7 +139,8 @@ void run_plan(const Plan& plan, const at::Tensor& q32, const at::Tensor& k_pages
                 acc.data() + off[u] * D, mx.data() + off[u], sm.data() + off[u]);
     }
   });
-  at::parallel_for(0, ng, 1, [&](int64_t a, int64_t b) {
+  // the merge reads tot * D floats, next to nothing beside the keys: parallel only when large
+  at::parallel_for(0, ng, tot * D < (1 << 20) ? std::max<int64_t>(ng, 1) : 1, [&](int64_t a, int64_t b) {
     for (int64_t gi = a; gi < b; ++gi) {
       const Group& g = plan.groups[gi];
       const int64_t o = off[g.t0];
@@ -146,7 +152,7 @@ void run_plan(const Plan& plan, const at::Tensor& q32, const at::Tensor& k_pages
   std::vector<float> lse_g(static_cast<size_t>(nq));
   for (int64_t i = 0; i < nq; ++i) lse_g[i] = lse[plan.qidx[i]];
   // units of one row touch disjoint slots unless the page table shares pages
-  at::parallel_for(0, nu, serial_scores ? nu : 1, [&](int64_t a, int64_t b) {
+  at::parallel_for(0, nu, serial_scores ? std::max<int64_t>(nu, 1) : unit_grain, [&](int64_t a, int64_t b) {
     for (int64_t u = a; u < b; ++u) {
       const Unit& un = plan.units[u];
       const Group& g = plan.groups[un.group];

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-FAMILIES = ("qlinear", "rms_norm")
+FAMILIES = ("qlinear", "rms_norm", "paged_attention")
 
 __all__ = ["FAMILIES", "main"]
 
