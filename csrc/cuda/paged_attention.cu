@@ -76,6 +76,61 @@ __device__ __forceinline__ void query_of(const PagedAttnCudaParams& p, int64_t r
   }
 }
 
+// Widens kVec contiguous elements (16 bytes) to fp32.
+template <typename T> struct Vec16 {
+  static constexpr int n = 16 / sizeof(T);
+};
+template <typename T>
+__device__ __forceinline__ void widen16(const uint4& raw, float* out) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::n; ++i) out[i] = to_f(e[i]);
+}
+
+// Rows kb .. kb + kTile - 1 of a row's keys into k_s [kTile, D + 1] (and v_s [kTile, D] when V
+// is given) as fp32; keys at or beyond kend are zero. With `vec`, 16-byte loads (D a multiple
+// of the vector width and 16-byte aligned rows); otherwise one element per thread and step.
+template <typename TKV>
+__device__ __forceinline__ void load_tile(const TKV* __restrict__ K, const TKV* __restrict__ V,
+                                          const int32_t* __restrict__ pages, int S, int D,
+                                          int kb, int kend, bool vec, float* k_s, float* v_s) {
+  const int Dk = D + 1;
+  if (vec) {
+    constexpr int W = Vec16<TKV>::n;
+    const int per_row = D / W;
+    for (int i = threadIdx.x; i < kTile * per_row; i += kThreads) {
+      const int j = i / per_row, d = (i % per_row) * W, key = kb + j;
+      float kf[W], vf[W];
+      if (key < kend) {
+        const int64_t off = (static_cast<int64_t>(pages[key / S]) * S + key % S) * D + d;
+        widen16<TKV>(*reinterpret_cast<const uint4*>(K + off), kf);
+        if (V != nullptr) widen16<TKV>(*reinterpret_cast<const uint4*>(V + off), vf);
+      } else {
+#pragma unroll
+        for (int e = 0; e < W; ++e) kf[e] = vf[e] = 0.f;
+      }
+#pragma unroll
+      for (int e = 0; e < W; ++e) k_s[j * Dk + d + e] = kf[e];
+      if (V != nullptr) {
+#pragma unroll
+        for (int e = 0; e < W; ++e) v_s[j * D + d + e] = vf[e];
+      }
+    }
+    return;
+  }
+  for (int i = threadIdx.x; i < kTile * D; i += kThreads) {
+    const int j = i / D, d = i % D, key = kb + j;
+    float kv = 0.f, vv = 0.f;
+    if (key < kend) {
+      const int64_t off = (static_cast<int64_t>(pages[key / S]) * S + key % S) * D + d;
+      kv = to_f(K[off]);
+      if (V != nullptr) vv = to_f(V[off]);
+    }
+    k_s[j * Dk + d] = kv;
+    if (V != nullptr) v_s[j * D + d] = vv;
+  }
+}
+
 __host__ __device__ constexpr int64_t smem_floats_main(int64_t D) {
   return 2 * kMQ * D + kTile * (D + 1) + kTile * D + kMQ * kTile + 3 * kMQ;
 }
@@ -88,7 +143,8 @@ __global__ void __launch_bounds__(kThreads)
 paged_attn_split_kernel(const PagedAttnCudaParams p, int64_t qpr, int64_t qchunks, int64_t Z) {
   extern __shared__ float smem[];
   __shared__ int64_t lim_s[kMQ];
-  const int64_t D = p.D, Dk = D + 1, S = p.page_size;
+  const int D = static_cast<int>(p.D), Dk = D + 1, S = static_cast<int>(p.page_size);
+  const bool vec = p.vec_loads;
   float* q_s = smem;                 // [kMQ, D] scaled queries
   float* acc_s = q_s + kMQ * D;      // [kMQ, D]
   float* k_s = acc_s + kMQ * D;      // [kTile, D + 1] (padded: no bank conflicts in the dots)
@@ -107,8 +163,8 @@ paged_attn_split_kernel(const PagedAttnCudaParams p, int64_t qpr, int64_t qchunk
   const TKV* K = static_cast<const TKV*>(p.k_pages);
   const TKV* V = static_cast<const TKV*>(p.v_pages);
 
-  for (int64_t i = tid; i < mq * D; i += kThreads) {
-    const int64_t mi = i / D, d = i % D;
+  for (int i = tid; i < mq * D; i += kThreads) {
+    const int mi = i / D, d = i % D;
     int64_t flat, lim;
     query_of(p, row, m0 + mi, n, &flat, &lim);
     q_s[i] = to_f(q[flat * D + d]) * p.scale;
@@ -129,17 +185,7 @@ paged_attn_split_kernel(const PagedAttnCudaParams p, int64_t qpr, int64_t qchunk
 
   for (int64_t t = z; t < ntiles; t += Z) {
     const int64_t kb = t * kTile;
-    for (int64_t i = tid; i < kTile * D; i += kThreads) {
-      const int64_t j = i / D, d = i % D, key = kb + j;
-      float kv = 0.f, vv = 0.f;
-      if (key < kend) {
-        const int64_t slot = static_cast<int64_t>(pages[key / S]) * S + key % S;
-        kv = to_f(K[slot * D + d]);
-        vv = to_f(V[slot * D + d]);
-      }
-      k_s[j * Dk + d] = kv;
-      v_s[j * D + d] = vv;
-    }
+    load_tile<TKV>(K, V, pages, S, D, static_cast<int>(kb), static_cast<int>(kend), vec, k_s, v_s);
     __syncthreads();
     for (int i = tid; i < kMQ * kTile; i += kThreads) {
       const int mi = i / kTile, j = i % kTile;
@@ -148,7 +194,7 @@ paged_attn_split_kernel(const PagedAttnCudaParams p, int64_t qpr, int64_t qchunk
         const float* qr = q_s + mi * D;
         const float* kr = k_s + j * Dk;
         float a = 0.f;
-        for (int64_t d = 0; d < D; ++d) a = fmaf(qr[d], kr[d], a);
+        for (int d = 0; d < D; ++d) a = fmaf(qr[d], kr[d], a);
         s = a;
       }
       p_s[i] = s;
@@ -170,8 +216,8 @@ paged_attn_split_kernel(const PagedAttnCudaParams p, int64_t qpr, int64_t qchunk
       }
     }
     __syncthreads();
-    for (int64_t i = tid; i < mq * D; i += kThreads) {
-      const int64_t mi = i / D, d = i % D;
+    for (int i = tid; i < mq * D; i += kThreads) {
+      const int mi = i / D, d = i % D;
       const float* pr = p_s + mi * kTile;
       float a = acc_s[i] * a_s[mi];
 #pragma unroll 8
@@ -182,7 +228,7 @@ paged_attn_split_kernel(const PagedAttnCudaParams p, int64_t qpr, int64_t qchunk
   }
   // partial state of (row, qc, z): [kMQ][D + 2] = acc, max, sum
   float* ws = p.workspace + ((row * qchunks + qc) * Z + z) * kMQ * (D + 2);
-  for (int64_t i = tid; i < mq * D; i += kThreads) ws[(i / D) * (D + 2) + i % D] = acc_s[i];
+  for (int i = tid; i < mq * D; i += kThreads) ws[(i / D) * (D + 2) + i % D] = acc_s[i];
   if (tid < mq) {
     ws[tid * (D + 2) + D] = m_s[tid];
     ws[tid * (D + 2) + D + 1] = l_s[tid];
@@ -207,18 +253,18 @@ paged_attn_merge_kernel(const PagedAttnCudaParams p, int64_t qpr, int64_t qchunk
     if (threadIdx.x == 0) p.lse[flat] = -INFINITY;
     return;
   }
-  float L = 0.f;
-  for (int64_t z = 0; z < Z; ++z) {
+  __shared__ float w_s[kMaxSplits];
+  for (int64_t z = threadIdx.x; z < Z; z += kThreads) {
     const float mz = base[z * stride + D];
-    if (mz != -INFINITY) L += base[z * stride + D + 1] * expf(mz - mstar);
+    w_s[z] = mz == -INFINITY ? 0.f : expf(mz - mstar);
   }
+  __syncthreads();
+  float L = 0.f;
+  for (int64_t z = 0; z < Z; ++z) L += w_s[z] * base[z * stride + D + 1];
   const float inv = 1.f / L;
   for (int64_t d = threadIdx.x; d < D; d += kThreads) {
     float o = 0.f;
-    for (int64_t z = 0; z < Z; ++z) {
-      const float mz = base[z * stride + D];
-      if (mz != -INFINITY) o += base[z * stride + d] * expf(mz - mstar);
-    }
+    for (int64_t z = 0; z < Z; ++z) o += w_s[z] * base[z * stride + d];
     out[d] = from_f<TQ>(o * inv);
   }
   if (threadIdx.x == 0) p.lse[flat] = mstar + logf(L);
@@ -229,7 +275,8 @@ __global__ void __launch_bounds__(kThreads)
 paged_attn_scores_kernel(const PagedAttnCudaParams p, int64_t qpr, int64_t qchunks, int64_t Z) {
   extern __shared__ float smem[];
   __shared__ int64_t lim_s[kMQ];
-  const int64_t D = p.D, Dk = D + 1, S = p.page_size;
+  const int D = static_cast<int>(p.D), Dk = D + 1, S = static_cast<int>(p.page_size);
+  const bool vec = p.vec_loads;
   float* q_s = smem;                 // [kMQ, D]
   float* k_s = q_s + kMQ * D;        // [kTile, D + 1]
   float* p_s = k_s + kTile * Dk;     // [kMQ, kTile]
@@ -242,7 +289,7 @@ paged_attn_scores_kernel(const PagedAttnCudaParams p, int64_t qpr, int64_t qchun
   const int mq = static_cast<int>(min(static_cast<int64_t>(kMQ), qpr - m0));
   const TQ* q = static_cast<const TQ*>(p.q);
   const TKV* K = static_cast<const TKV*>(p.k_pages);
-  for (int64_t i = tid; i < mq * D; i += kThreads) {
+  for (int i = tid; i < mq * D; i += kThreads) {
     int64_t flat, lim;
     query_of(p, row, m0 + i / D, n, &flat, &lim);
     q_s[i] = to_f(q[flat * D + i % D]) * p.scale;
@@ -265,12 +312,8 @@ paged_attn_scores_kernel(const PagedAttnCudaParams p, int64_t qpr, int64_t qchun
   const int64_t ntiles = (kend + kTile - 1) / kTile;
   for (int64_t t = z; t < ntiles; t += Z) {
     const int64_t kb = t * kTile;
-    for (int64_t i = tid; i < kTile * D; i += kThreads) {
-      const int64_t j = i / D, d = i % D, key = kb + j;
-      float kv = 0.f;
-      if (key < kend) kv = to_f(K[(static_cast<int64_t>(pages[key / S]) * S + key % S) * D + d]);
-      k_s[j * Dk + d] = kv;
-    }
+    load_tile<TKV>(K, nullptr, pages, S, D, static_cast<int>(kb), static_cast<int>(kend), vec,
+                   k_s, nullptr);
     __syncthreads();
     for (int i = tid; i < kMQ * kTile; i += kThreads) {
       const int mi = i / kTile, j = i % kTile;
@@ -279,7 +322,7 @@ paged_attn_scores_kernel(const PagedAttnCudaParams p, int64_t qpr, int64_t qchun
         const float* qr = q_s + mi * D;
         const float* kr = k_s + j * Dk;
         float a = 0.f;
-        for (int64_t d = 0; d < D; ++d) a = fmaf(qr[d], kr[d], a);
+        for (int d = 0; d < D; ++d) a = fmaf(qr[d], kr[d], a);
         pr = expf(a - lse_s[mi]);
       }
       p_s[i] = pr;

@@ -27,6 +27,7 @@ struct PagedAttnCudaParams {
   float* score_acc = nullptr;       // [num_pages * page_size] or null (decode only)
   float* workspace = nullptr;       // paged_attention_workspace_floats(...) floats
   int num_sms = 132;
+  bool vec_loads = false;  // pools 16-byte aligned and D * element size a multiple of 16
 };
 
 // Floats of workspace the launch needs (partial states of every (row, query chunk, split)).

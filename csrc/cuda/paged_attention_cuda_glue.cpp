@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <cstdint>
+
 #include "cuda/paged_attention_cuda.h"
 #include "paged_attention_checks.h"
 
@@ -60,6 +62,9 @@ std::tuple<at::Tensor, at::Tensor> run_paged_cuda(
   p.lse = lse.data_ptr<float>();
   p.score_acc = score_acc.has_value() ? score_acc->data_ptr<float>() : nullptr;
   p.num_sms = num_sms_of(q.device().index());
+  const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  p.vec_loads = (s.D * k_pages.element_size()) % 16 == 0 && aligned16(p.k_pages) &&
+                aligned16(p.v_pages);
   at::Tensor ws = at::empty({paged_attention_workspace_floats(p)}, q.options().dtype(at::kFloat));
   p.workspace = ws.data_ptr<float>();
   const cudaError_t err = launch_paged_attention(p, c10::cuda::getCurrentCUDAStream(q.device().index()));
