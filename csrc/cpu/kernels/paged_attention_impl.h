@@ -103,6 +103,24 @@ static inline void pa_load_rows(const PagedRow& row, const void* pool, int64_t j
   }
 }
 
+// Prefetch keys [j0, j0 + nb) of a row from one pool. Pages sit anywhere in the pool, so the
+// hardware prefetcher loses the stream at every page boundary; the next block is requested
+// while the current one is computed.
+static inline void pa_prefetch_rows(const PagedRow& row, const void* pool, int64_t j0, int64_t nb) {
+  const int64_t S = row.page_size, D = row.D;
+  const int64_t es = row.dtype == KvDType::F32 ? 4 : 2;
+  const char* base = static_cast<const char*>(pool);
+  int64_t j = j0;
+  const int64_t end = j0 + nb;
+  while (j < end) {
+    const int64_t page = row.pages[j / S], off = j % S;
+    const int64_t run = std::min(S - off, end - j);
+    const char* p = base + (page * S + off) * D * es;
+    for (int64_t o = 0, bytes = run * D * es; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+    j += run;
+  }
+}
+
 static inline float pa_dot(const float* a, const float* b, int64_t D) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -331,6 +349,11 @@ inline void paged_attn_partial_impl(const PagedRow& row, const float* q, const i
   int64_t* cnt = sc.cnt.data();
   for (int64_t kb = k0; kb < k1; kb += kBlockKeys) {
     const int64_t nb = std::min(kBlockKeys, k1 - kb);
+    if (kb + nb < k1) {
+      const int64_t nn = std::min(kBlockKeys, k1 - kb - nb);
+      pa_prefetch_rows(row, row.k_pages, kb + nb, nn);
+      pa_prefetch_rows(row, row.v_pages, kb + nb, nn);
+    }
     pa_load_rows(row, row.k_pages, kb, nb, Kb);
     pa_qk_block(q, M, D, Kb, nb, S);
     bool any = false;
@@ -377,6 +400,7 @@ inline void paged_attn_scores_impl(const PagedRow& row, const float* q, const in
   float col[kBlockKeys];
   for (int64_t kb = k0; kb < k1; kb += kBlockKeys) {
     const int64_t nb = std::min(kBlockKeys, k1 - kb);
+    if (kb + nb < k1) pa_prefetch_rows(row, row.k_pages, kb + nb, std::min(kBlockKeys, k1 - kb - nb));
     pa_load_rows(row, row.k_pages, kb, nb, Kb);
     pa_qk_block(q, M, D, Kb, nb, S);
     std::fill(col, col + nb, 0.f);
