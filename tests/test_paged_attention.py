@@ -340,3 +340,18 @@ def test_compile_fullgraph():
     want = f(q, acc2)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(acc1, acc2)
+
+
+def test_export_keeps_the_ops():
+    kp, vp, ip, ix, kl = make_paged([5, 9], 4, 16, torch.float32)
+
+    class M(torch.nn.Module):
+        def forward(self, q):
+            o1, l1 = paged_decode_attention(q, kp, vp, ip, ix, kl, 0.25)
+            o2, l2 = paged_prefix_attention(q, kp, vp, ip, ix, kl, 0.25)
+            return merge_attention_states(o1, l1, o2, l2)
+
+    ep = torch.export.export(M(), (torch.randn(1, 1, 4, 16),))
+    targets = {str(n.target) for n in ep.graph.nodes}
+    for op in ("paged_decode_attention", "paged_prefix_attention", "merge_attention_states"):
+        assert any(op in t for t in targets), targets

@@ -60,7 +60,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotation-mib", type=float, default=None, help="default 96 (quick: 1)")
     p.add_argument("--bw-mib", type=float, default=None, help="bandwidth probe size (default 1024)")
     p.add_argument("--out", default=None, help="results root (default bench/results)")
-    p.add_argument("--tag", default=None)
+    p.add_argument("--tag", default=None,
+                   help="file name suffix (default: 'quick' for --quick, 'custom' for a narrowed run)")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -85,8 +86,10 @@ def normalize_args(args):
     args.min_time = args.min_time if args.min_time is not None else (0.001 if q else 0.2)
     args.rotation_mib = args.rotation_mib if args.rotation_mib is not None else (1 if q else 96)
     args.bw_mib = args.bw_mib if args.bw_mib is not None else (64 if q else 1024)
-    if args.tag is None:
-        args.tag = "quick" if q else ""
+    narrowed = (any(v is not None for v in (args.contexts, args.batches, args.llama_batches))
+                or args.heads != "smollm2,llama" or args.no_prefix)
+    if args.tag is None:  # a partial run never overwrites the full table
+        args.tag = "quick" if q else ("custom" if narrowed else "")
     return args
 
 
