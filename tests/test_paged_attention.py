@@ -355,3 +355,39 @@ def test_export_keeps_the_ops():
     targets = {str(n.target) for n in ep.graph.nodes}
     for op in ("paged_decode_attention", "paged_prefix_attention", "merge_attention_states"):
         assert any(op in t for t in targets), targets
+
+
+# ---- CUDA-only: split-K over long rows, shared pages, opt-in index validation ----------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_long_rows_split_k_and_scores(dtype):
+    lens = [3000, 17, 2049, 0, 1234, 5]
+    kp, vp, ip, ix, kl = make_paged(lens, 16, 128, dtype, "cuda", seed=3)
+    q = torch.randn(2, 3, 12, 128, device="cuda").to(dtype)
+    acc = torch.zeros(kp.shape[:2], device="cuda")
+    acc_ref = acc.cpu().clone()
+    out, lse = paged_decode_attention(q, kp, vp, ip, ix, kl, 0.09, acc)
+    ref = paged_decode_attention_reference(q.cpu(), kp.cpu(), vp.cpu(), ip.cpu(), ix.cpu(),
+                                           kl.cpu(), 0.09, acc_ref)
+    _check(out, lse, *ref, dtype)
+    torch.testing.assert_close(acc.cpu(), acc_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_shared_pages_and_index_validation(monkeypatch):
+    kp, vp, ip, ix, kl = make_paged([40], 8, 64, torch.float16, "cuda")
+    ip2 = torch.tensor([0, int(ip[1]), 2 * int(ip[1])], dtype=torch.int32, device="cuda")
+    ix2 = torch.cat([ix, ix])
+    kl2 = torch.tensor([40, 33], dtype=torch.int32, device="cuda")
+    q = torch.randn(2, 1, 2, 64, device="cuda").half()
+    acc = torch.zeros(kp.shape[:2], device="cuda")
+    acc_ref = acc.cpu().clone()
+    out, lse = paged_decode_attention(q, kp, vp, ip2, ix2, kl2, 0.3, acc)
+    ref = paged_decode_attention_reference(q.cpu(), kp.cpu(), vp.cpu(), ip2.cpu(), ix2.cpu(),
+                                           kl2.cpu(), 0.3, acc_ref)
+    _check(out, lse, *ref, torch.float16)
+    torch.testing.assert_close(acc.cpu(), acc_ref, rtol=1e-4, atol=1e-5)
+    monkeypatch.setenv("FASTADAPT_CHECK_INDICES", "1")
+    with pytest.raises(RuntimeError, match="kv_lens"):
+        paged_decode_attention(q, kp, vp, ip2, ix2, kl2 + 1000, 0.3)

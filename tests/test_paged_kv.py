@@ -205,3 +205,16 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(got, want)
     for a, b in zip(args, ref):  # the in-place updates survive compilation
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_index_validation_is_opt_in(monkeypatch):
+    kp, vp = _pools(4, 4, 8, torch.float16, "cuda")
+    k = torch.randn(2, 1, 8, device="cuda")
+    monkeypatch.setenv("FASTADAPT_CHECK_INDICES", "1")
+    with pytest.raises(RuntimeError, match="slot_mapping"):
+        kv_append(k, k, kp, vp, torch.tensor([[0], [16]], dtype=torch.int32, device="cuda"))
+    with pytest.raises(RuntimeError, match="dst_slots must be distinct"):
+        kv_compact(kp, vp, None, torch.tensor([0, 1], dtype=torch.int32, device="cuda"),
+                   torch.tensor([3, 3], dtype=torch.int32, device="cuda"))
+    assert (kp == SENTINEL).all()
