@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "cpu/kernels/isa.h"
@@ -131,12 +133,25 @@ void run_plan(const Plan& plan, const at::Tensor& q32, const at::Tensor& k_pages
   int64_t work = 0;
   for (const auto& un : plan.units) work += (un.k1 - un.k0) * plan.groups[un.group].M;
   const int64_t unit_grain = work * D < kMinParallelWork ? std::max<int64_t>(nu, 1) : 1;
+  // A group held by one unit knows its final LSE when the unit ends: its per-key mass is added
+  // right away, while its keys are still in cache (not with shared pages: that pass is serial).
+  const bool early_scores = score_acc != nullptr && !serial_scores;
   at::parallel_for(0, nu, unit_grain, [&](int64_t a, int64_t b) {
+    std::vector<float> lse_u;
     for (int64_t u = a; u < b; ++u) {
       const Unit& un = plan.units[u];
       const Group& g = plan.groups[un.group];
+      float* m = mx.data() + off[u];
+      float* l = sm.data() + off[u];
       K.partial(row_of(g.row), qg.data() + g.q0 * D, plan.lim.data() + g.q0, g.M, un.k0, un.k1,
-                acc.data() + off[u] * D, mx.data() + off[u], sm.data() + off[u]);
+                acc.data() + off[u] * D, m, l);
+      if (early_scores && g.nt == 1) {
+        lse_u.resize(static_cast<size_t>(g.M));
+        for (int64_t i = 0; i < g.M; ++i)  // as the merge of one split computes it
+          lse_u[i] = m[i] == -std::numeric_limits<float>::infinity() ? m[i] : m[i] + std::log(l[i]);
+        K.scores(row_of(g.row), qg.data() + g.q0 * D, plan.lim.data() + g.q0, lse_u.data(), g.M,
+                 un.k0, un.k1, score_acc);
+      }
     }
   });
   // the merge reads tot * D floats, next to nothing beside the keys: parallel only when large
@@ -149,12 +164,18 @@ void run_plan(const Plan& plan, const at::Tensor& q32, const at::Tensor& k_pages
     }
   });
   if (score_acc == nullptr) return;
+  // the remaining units (groups split over several units) once every LSE is known
+  std::vector<int64_t> late;
+  for (int64_t u = 0; u < nu; ++u)
+    if (!early_scores || plan.groups[plan.units[u].group].nt > 1) late.push_back(u);
+  if (late.empty()) return;
+  const int64_t nl = static_cast<int64_t>(late.size());
   std::vector<float> lse_g(static_cast<size_t>(nq));
   for (int64_t i = 0; i < nq; ++i) lse_g[i] = lse[plan.qidx[i]];
   // units of one row touch disjoint slots unless the page table shares pages
-  at::parallel_for(0, nu, serial_scores ? std::max<int64_t>(nu, 1) : unit_grain, [&](int64_t a, int64_t b) {
-    for (int64_t u = a; u < b; ++u) {
-      const Unit& un = plan.units[u];
+  at::parallel_for(0, nl, serial_scores ? nl : unit_grain, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const Unit& un = plan.units[late[i]];
       const Group& g = plan.groups[un.group];
       K.scores(row_of(g.row), qg.data() + g.q0 * D, plan.lim.data() + g.q0,
                lse_g.data() + g.q0, g.M, un.k0, un.k1, score_acc);
