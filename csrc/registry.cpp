@@ -25,6 +25,30 @@ TORCH_LIBRARY(fastadapt, m) {
   // ---- RoPE and SwiGLU (decoder-layer fusions) ---------------------------------------------
 
   // ---- paged KV cache and attention --------------------------------------------------------
+  // Layout (python/fastadapt_ops/ops/kv_reference.py): pools [num_pages, page_size, D]; a slot is
+  // page * page_size + offset (int32, -1 skips); CSR page tables, one row per (sequence, KV head);
+  // LSE outputs are natural-log fp32, -inf for a query that sees no key (its output is then 0).
+  // Write new tokens' k/v [N, H_kv, D] (any strides but the last) at slot_mapping [N, H_kv].
+  m.def("kv_append(Tensor k, Tensor v, Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor slot_mapping) -> ()");
+  // Move tokens src_slots[i] -> dst_slots[i] (distinct) in both pools and the score pool, all
+  // reads before any write (eviction: gather the kept tokens to the front of fewer pages).
+  m.def(
+      "kv_compact(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!)? scores, Tensor src_slots, "
+      "Tensor dst_slots) -> ()");
+  // GQA attention of T_q >= 1 new tokens per sequence (causal among themselves) over its paged
+  // keys; returns (out [B, T_q, H_q, D] in q's dtype, lse [B, T_q, H_q] fp32). With score_acc
+  // [num_pages, page_size] fp32, each key's softmax mass (summed over the row's queries) is added.
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor page_indptr, "
+      "Tensor page_indices, Tensor kv_lens, float scale, Tensor(a!)? score_acc=None) -> (Tensor, Tensor)");
+  // Non-causal attention of all B * T_q queries over one prefix per KV head shared by the batch
+  // (read once for the batch); merge with each sequence's suffix via merge_attention_states.
+  m.def(
+      "paged_prefix_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor prefix_indptr, "
+      "Tensor prefix_indices, Tensor prefix_lens, float scale) -> (Tensor, Tensor)");
+  // Attention over the union of two disjoint key sets from each side's (out, lse).
+  m.def(
+      "merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
 
   // ---- token merging and pruning -----------------------------------------------------------
 }

@@ -1,3 +1,9 @@
 """Typed wrappers of every ``torch.ops.fastadapt`` op, their fake kernels, and references."""
 from .qlinear import qlinear  # noqa: F401
 from .rms_norm import rms_norm  # noqa: F401
+from .paged_attention import (  # noqa: F401
+    merge_attention_states,
+    paged_decode_attention,
+    paged_prefix_attention,
+)
+from .paged_kv import kv_append, kv_compact  # noqa: F401
