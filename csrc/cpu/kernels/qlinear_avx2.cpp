@@ -10,12 +10,30 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <vector>
+#include <cstdlib>
 
 #include "cpu/kernels/qdecode_scalar.h"
 
 namespace fastadapt::cpu {
 namespace {
+
+// A growable thread-local buffer with internal linkage. Not std::vector: its template members
+// would be emitted from this -mavx2 TU as weak symbols, and the linker may then pick these AVX2
+// copies for the generic code too (SIGILL on a CPU without AVX2).
+template <typename T>
+struct Scratch {
+  T* ptr = nullptr;
+  size_t size = 0;
+  ~Scratch() { std::free(ptr); }
+  T* get(size_t n) {
+    if (n > size) {
+      std::free(ptr);
+      ptr = static_cast<T*>(std::malloc(n * sizeof(T)));
+      size = ptr ? n : 0;
+    }
+    return ptr;
+  }
+};
 
 // The 32 codes of chunk c of a weight row, in order, one per byte (two's complement for the
 // 8-bit formats, see kSignedCodes).
@@ -249,10 +267,8 @@ inline float dot(const float* u, const float* v, int64_t n) {
 
 // Thread-local scratch for one row's affine pairs (the hot path allocates once per thread).
 inline float* affine_scratch(const QLinearProblem& p) {
-  thread_local std::vector<float> buf;
-  const size_t need = 3 * static_cast<size_t>(std::max(p.K / 16, p.groups));
-  if (buf.size() < need) buf.resize(need);
-  return buf.data();
+  thread_local Scratch<float> buf;
+  return buf.get(3 * static_cast<size_t>(std::max(p.K / 16, p.groups)));
 }
 
 // ---- gemv / int8: MT (1..4) rows of x against weight rows [n0, n1) --------------------------
@@ -516,18 +532,18 @@ void int8_nibble_rows(const QLinearProblem& p, const int8_t* xi, int64_t m0, int
 
 template <QFormat F>
 void int8_nibble_all_m(const QLinearProblem& p, int64_t n0, int64_t n1) {
-  thread_local std::vector<int8_t> xbuf;  // x in pair-interleaved order, reused across calls
-  if (static_cast<int64_t>(xbuf.size()) < p.M * p.K) xbuf.resize(p.M * p.K);
-  for (int64_t m = 0; m < p.M; ++m) interleave_pairs(p.xq + m * p.K, p.K, xbuf.data() + m * p.K);
+  thread_local Scratch<int8_t> scratch;  // x in pair-interleaved order, reused across calls
+  int8_t* xbuf = scratch.get(static_cast<size_t>(p.M * p.K));
+  for (int64_t m = 0; m < p.M; ++m) interleave_pairs(p.xq + m * p.K, p.K, xbuf + m * p.K);
   constexpr int64_t kRowBlock = 4;
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
     const int64_t ne = std::min(n1, nb + kRowBlock);
     for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
       switch (std::min<int64_t>(4, p.M - m0)) {
-        case 1: int8_nibble_rows<F, 1>(p, xbuf.data(), m0, nb, ne); break;
-        case 2: int8_nibble_rows<F, 2>(p, xbuf.data(), m0, nb, ne); break;
-        case 3: int8_nibble_rows<F, 3>(p, xbuf.data(), m0, nb, ne); break;
-        default: int8_nibble_rows<F, 4>(p, xbuf.data(), m0, nb, ne); break;
+        case 1: int8_nibble_rows<F, 1>(p, xbuf, m0, nb, ne); break;
+        case 2: int8_nibble_rows<F, 2>(p, xbuf, m0, nb, ne); break;
+        case 3: int8_nibble_rows<F, 3>(p, xbuf, m0, nb, ne); break;
+        default: int8_nibble_rows<F, 4>(p, xbuf, m0, nb, ne); break;
       }
     }
   }
@@ -602,9 +618,8 @@ void micro_dispatch_nr(int nr, const float* const* x, const float* w, int64_t ld
 template <QFormat F>
 void gemm(const QLinearProblem& p, int64_t n0, int64_t n1) {
   const int64_t kc_max = std::min(p.K, kMaxKc);
-  thread_local std::vector<float> panel;  // reused across calls: the hot path allocates once
-  if (static_cast<int64_t>(panel.size()) < kGemmPanel * kc_max) panel.resize(kGemmPanel * kc_max);
-  float* wp = panel.data();
+  thread_local Scratch<float> panel;  // reused across calls: the hot path allocates once
+  float* wp = panel.get(static_cast<size_t>(kGemmPanel * kc_max));
   for (int64_t np = n0; np < n1; np += kGemmPanel) {
     const int64_t rows = std::min(kGemmPanel, n1 - np);
     for (int64_t k0 = 0; k0 < p.K; k0 += kc_max) {
