@@ -13,6 +13,12 @@ from fastadapt_ops.kv import OutOfPagesError, PageAllocator, PagedKVCache
 from fastadapt_ops.kv import _ops
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread (the shared machine's cores are oversubscribed; conftest restores)."""
+    torch.set_num_threads(1)
+
+
 # ---------------------------------------------------------------------------- allocator
 def test_allocator_basics():
     a = PageAllocator(4)

@@ -13,6 +13,12 @@ from fastadapt_ops.kv.hf_cache import ATTN_IMPLEMENTATION, PagedHFCache  # noqa:
 from fastadapt_ops.kv.policies import POLICIES  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread (the shared machine's cores are oversubscribed; conftest restores)."""
+    torch.set_num_threads(1)
+
+
 def _model(seed=0, layers=3):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
@@ -138,3 +144,10 @@ def test_bad_inputs():
     assert set(POLICIES) >= {"full", "streaming", "h2o", "tova", "snapkv", "pyramidkv", "adakv",
                              "keynorm"}
     assert ATTN_IMPLEMENTATION == "fastadapt_paged"
+
+
+def test_evicting_policy_without_model_raises():
+    model = _model()
+    ids, mask = _inputs(1)
+    with pytest.raises(RuntimeError, match="attach"):
+        _generate(model, ids, mask, PagedHFCache(model.config, policy="streaming", budget=4))

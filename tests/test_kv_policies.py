@@ -10,6 +10,12 @@ from fastadapt_ops.kv.policies import (POLICIES, Budget, EvictionContext, evict,
                                        maybe_evict, pyramid_layer_budgets)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread (the shared machine's cores are oversubscribed; conftest restores)."""
+    torch.set_num_threads(1)
+
+
 def _ctx(scores=None, norms=None, budget=1.0, L=1, H=1, n=None, total_len=None, valid=None):
     """A context from plain per-row tensors (every row gets the same tensor unless a dict)."""
     def per_row(x):

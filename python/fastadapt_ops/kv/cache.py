@@ -280,7 +280,9 @@ class PagedKVCache:
             s.next_pos[layer] += n
             off += n
         sm = slot_mapping.to(self.device)
-        _ops.kv_append(k.to(self.device), v.to(self.device), self.k_pages[layer],
+        # kernels want the pool's dtype and device, contiguous
+        _ops.kv_append(k.to(self.device, self.dtype).contiguous(),
+                       v.to(self.device, self.dtype).contiguous(), self.k_pages[layer],
                        self.v_pages[layer], sm)
         if self.track_scores:
             flat = sm.reshape(-1).long()
@@ -421,10 +423,11 @@ class PagedKVCache:
         if scale is None:
             scale = D ** -0.5
         indptr, indices, lens = self.plan(layer, seq_ids)
-        return _ops.paged_decode_attention(q.to(self.device), self.k_pages[layer],
-                                           self.v_pages[layer], indptr, indices, lens,
-                                           float(scale),
-                                           self.scores[layer] if accumulate_scores else None)
+        out, lse = _ops.paged_decode_attention(
+            q.to(self.device, self.dtype).contiguous(), self.k_pages[layer], self.v_pages[layer],
+            indptr, indices, lens, float(scale),
+            self.scores[layer] if accumulate_scores else None)
+        return out.to(q.dtype), lse
 
     # ------------------------------------------------------------------ reads
     def gather(self, layer: int, seq_id: int, head: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -260,6 +260,11 @@ class PagedHFCache(Cache):
             raise ValueError(f"PagedHFCache.update: key_states must be [B, {self.num_kv_heads}, T, "
                              f"{self.head_dim}], got {tuple(key_states.shape)}")
         if self.paged is None:
+            if self._model is None and not (isinstance(self.policy, FullPolicy) or self.policy.budget.is_full):
+                raise RuntimeError(
+                    f"PagedHFCache: policy {self.policy.name!r} evicts, which needs the "
+                    f"'{ATTN_IMPLEMENTATION}' attention: pass the model (not its config) to "
+                    "PagedHFCache, or call cache.attach(model) before generating")
             self._init_paged(key_states)
         if not self.seq_ids:
             self.seq_ids = [self.paged.add_sequence() for _ in range(B)]
