@@ -115,7 +115,8 @@ def test_random_driver_matches_shadow(seed, page_size):
     shadow = Shadow(L, H, D)
     for step in range(60):
         live = cache.seq_ids
-        op = rng.choice(["add", "append", "append", "batch", "fork", "keep", "keep", "free"])
+        op = rng.choice(["add", "append", "append", "batch", "fork", "keep", "keep", "free",
+                         "attend"])
         if op in ("add", "fork") and len(live) >= 6:
             op = "free"
         if op == "add" or not live:
@@ -164,6 +165,18 @@ def test_random_driver_matches_shadow(seed, page_size):
             shadow.keep(l, sid, idxs)
             if not shared:  # an unshared row compacts in place: memory never grows
                 assert cache.bytes_held() <= before
+        elif op == "attend":  # decode attention of the non-empty sequences against SDPA
+            sids = [s for s in live if all(cache.seq_len(s, l, h) for l in range(L) for h in range(H))]
+            if sids:
+                l = rng.randrange(L)
+                q = torch.randn(len(sids), 1, 2 * H, D)
+                out, lse = cache.attend(l, sids, q, scale=0.5)
+                for b, s in enumerate(sids):
+                    for h in range(H):
+                        K, V, _ = shadow.rows[s][l][h]
+                        ref = _sdpa_ref(q[b, :, 2 * h:2 * h + 2], K, V, 0.5)
+                        torch.testing.assert_close(out[b, :, 2 * h:2 * h + 2].double(), ref,
+                                                   rtol=1e-5, atol=1e-5)
         elif op == "free":
             sid = rng.choice(live)
             cache.free_sequence(sid)

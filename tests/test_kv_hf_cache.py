@@ -49,8 +49,11 @@ def _generate(model, ids, mask, cache=None, n=12):
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("policy", ["full", "h2o", "streaming", "snapkv"])
-def test_full_budget_matches_dynamic_cache(batch, policy):
-    model = _model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_budget_matches_dynamic_cache(batch, policy, dtype):
+    if dtype != torch.float32 and policy not in ("full", "h2o"):
+        pytest.skip("one low-precision run per path is enough")
+    model = _model().to(dtype)
     ids, mask = _inputs(batch)
     ref = _generate(model, ids, mask)
     cache = PagedHFCache(model, policy=policy, budget=1.0, page_size=4)
