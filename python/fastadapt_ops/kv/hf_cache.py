@@ -300,7 +300,7 @@ class PagedHFCache(Cache):
 
     def _extend_valid(self, B: int, T: int) -> None:
         cols = 0 if self._valid_cols is None else self._valid_cols.shape[1]
-        m = self._pending_mask
+        m, self._pending_mask = self._pending_mask, None  # one forward's mask, used once
         if m is not None and m.shape[0] == B and m.shape[1] >= cols + T:
             new = m[:, cols:cols + T].to("cpu").bool()
         else:
