@@ -379,3 +379,20 @@ def test_bad_inputs():
         cache.attend(0, [s], torch.randn(1, 1, 2, 4), accumulate_scores=True)
     with pytest.raises(ValueError, match="track_scores"):
         cache.row_scores(0, s, 0)
+
+
+# ---------------------------------------------------------------------------- bench smoke
+def test_bench_kv_cache_smoke(tmp_path):
+    import json
+
+    from fastadapt_ops.bench import FAMILIES, main
+
+    assert "kv_cache" in FAMILIES
+    main(["kv_cache", "--batch", "2", "--context", "20", "--heads", "4:2", "--dim", "8",
+          "--page-size", "4", "--min-time", "0.001", "--threads", "1", "--out", str(tmp_path)])
+    (js,) = list(tmp_path.glob("*/kv_cache.json"))
+    data = json.loads(js.read_text())
+    cases = {(r["case"], r["impl"]) for r in data["rows"]}
+    assert ("decode attention", "torch") in cases and ("decode append", "torch") in cases
+    held = {r["case"]: r["bytes"] for r in data["rows"] if r["case"].startswith("held")}
+    assert held["held streaming"] < held["held full"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-FAMILIES = ("qlinear", "rms_norm")
+FAMILIES = ("qlinear", "rms_norm", "kv_cache")
 
 __all__ = ["FAMILIES", "main"]
 
