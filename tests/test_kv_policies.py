@@ -211,3 +211,22 @@ def test_bad_policy_inputs():
         get_policy("h2o", recent=-1)
     with pytest.raises(ValueError, match="scores"):
         get_policy("h2o", budget=2).select(_ctx(norms=torch.rand(5), budget=2))
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_full_budget_eviction_changes_nothing_in_the_cache(name):
+    torch.manual_seed(0)
+    L, H, D = 2, 2, 8
+    cache = PagedKVCache(L, H, D, page_size=4, num_pages=64, track_scores=True)
+    s = cache.add_sequence()
+    for l in range(L):
+        cache.append(l, [s], torch.randn(13, H, D), torch.randn(13, H, D))
+        cache.attend(l, [s], torch.randn(1, 3, 2 * H, D))
+    q = torch.randn(1, 1, 2 * H, D)
+    before = [cache.attend(l, [s], q, accumulate_scores=False) for l in range(L)]
+    held = cache.bytes_held()
+    evict(cache, get_policy(name, budget=1.0), s)
+    assert cache.bytes_held() == held
+    for l in range(L):
+        out, lse = cache.attend(l, [s], q, accumulate_scores=False)
+        assert torch.equal(out, before[l][0]) and torch.equal(lse, before[l][1])
