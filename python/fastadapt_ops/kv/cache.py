@@ -42,18 +42,20 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _Row:
-    __slots__ = ("pages", "length", "pos")
+    __slots__ = ("pages", "length", "pos", "cap")
 
     def __init__(self) -> None:
         self.pages: List[int] = []
         self.length = 0
         self.pos = torch.empty(0, dtype=torch.long)  # [length] logical positions
+        self.cap: Optional[torch.Tensor] = None  # slots of every page (cache; None = stale)
 
     def copy(self) -> "_Row":
         r = _Row()
         r.pages = list(self.pages)
         r.length = self.length
         r.pos = self.pos.clone()
+        r.cap = self.cap
         return r
 
 
@@ -193,13 +195,13 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ slots
     def _row_slots(self, row: _Row, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """int64 slots of tokens ``start .. stop - 1`` of the row (CPU)."""
         stop = row.length if stop is None else stop
-        S = self.page_size
-        j = torch.arange(start, stop)
-        pages = torch.tensor(row.pages, dtype=torch.long)
-        if j.numel() == 0:
-            return j
-        return pages[j // S] * S + j % S
+        if row.cap is None:  # recomputed only when the page list changed
+            S = self.page_size
+            pages = torch.tensor(row.pages, dtype=torch.long)
+            row.cap = (pages[:, None] * S + torch.arange(S)).reshape(-1)
+        return row.cap[start:stop]
 
     # ------------------------------------------------------------------ append
     def append(self, layer: int, seq_ids: Sequence[int], k: torch.Tensor, v: torch.Tensor,
@@ -262,6 +264,7 @@ class PagedKVCache:
                     cow_dst.extend(new * S + o for o in range(fill))
                     alloc.decref(old)
                     row.pages[-1] = new
+                    row.cap = None
         if cow_src:
             self._compact(layer, cow_src, cow_dst)
         # grow and build the slot mapping
@@ -274,6 +277,7 @@ class PagedKVCache:
                 extra = math.ceil((row.length + n) / S) - len(row.pages)
                 if extra > 0:
                     row.pages.extend(alloc.alloc(extra))
+                    row.cap = None
                 slot_mapping[off:off + n, h] = self._row_slots(row, row.length, row.length + n).int()
                 row.pos = torch.cat([row.pos, torch.arange(s.next_pos[layer], s.next_pos[layer] + n)])
                 row.length += n
@@ -370,6 +374,7 @@ class PagedKVCache:
             src_all.extend(src[lo:].tolist())
             dst_all.extend(dst[lo:].tolist())
             row.pages = new_pages
+            row.cap = None
             row.length = m
             row.pos = row.pos[idx]
         self._compact(layer, src_all, dst_all)
