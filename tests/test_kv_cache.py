@@ -396,3 +396,24 @@ def test_bench_kv_cache_smoke(tmp_path):
     assert ("decode attention", "torch") in cases and ("decode append", "torch") in cases
     held = {r["case"]: r["bytes"] for r in data["rows"] if r["case"].startswith("held")}
     assert held["held streaming"] < held["held full"]
+
+
+def test_reference_fallback_on_used_pages_equals_reference():
+    from fastadapt_ops.ops.kv_reference import paged_decode_attention_reference
+
+    torch.manual_seed(0)
+    cache = PagedKVCache(1, 2, 8, page_size=4, num_pages=200, track_scores=True)
+    a = cache.add_sequence()
+    cache.append(0, [a], torch.randn(9, 2, 8), torch.randn(9, 2, 8))
+    b = cache.fork(a)  # shared pages appear in two rows
+    cache.append(0, [a, b], torch.randn(2, 2, 8), torch.randn(2, 2, 8))
+    indptr, indices, lens = cache.plan(0, [a, b])
+    q = torch.randn(2, 1, 4, 8)
+    acc1 = torch.rand(200, 4)
+    acc2 = acc1.clone()
+    out1, lse1 = _ops._decode_reference_on_used_pages(q, cache.k_pages[0], cache.v_pages[0],
+                                                      indptr, indices, lens, 0.4, acc1)
+    out2, lse2 = paged_decode_attention_reference(q, cache.k_pages[0], cache.v_pages[0],
+                                                  indptr, indices, lens, 0.4, acc2)
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+    torch.testing.assert_close(acc1, acc2, rtol=1e-6, atol=1e-6)

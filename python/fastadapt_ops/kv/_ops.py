@@ -75,9 +75,28 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     # q: [B, T_q, H_q, D] -> out [B, T_q, H_q, D], lse [B, T_q, H_q] fp32 (natural log)
     op = _kernel("paged_decode_attention")
     if op is None:
+        return _decode_reference_on_used_pages(q, k_pages, v_pages, page_indptr, page_indices,
+                                               kv_lens, scale, score_acc)
+    return op(q, k_pages, v_pages, page_indptr, page_indices, kv_lens, scale, score_acc)
+
+
+def _decode_reference_on_used_pages(q, k_pages, v_pages, page_indptr, page_indices, kv_lens,
+                                    scale, score_acc):
+    """The reference converts the whole pool to float64 on every call; a cache pool is mostly
+    free pages, so run it on a copy of the pages the tables name (same result; shared pages'
+    score sums are added to ``score_acc`` in one step instead of row by row)."""
+    P = k_pages.shape[0]
+    if page_indices.numel() == 0 or page_indices.numel() * 2 >= P:
         return _ref.paged_decode_attention_reference(q, k_pages, v_pages, page_indptr,
                                                      page_indices, kv_lens, scale, score_acc)
-    return op(q, k_pages, v_pages, page_indptr, page_indices, kv_lens, scale, score_acc)
+    used, local = torch.unique(page_indices.long(), return_inverse=True)
+    acc = None if score_acc is None else torch.zeros(used.numel(), score_acc.shape[1],
+                                                     dtype=score_acc.dtype, device=score_acc.device)
+    out, lse = _ref.paged_decode_attention_reference(q, k_pages[used], v_pages[used], page_indptr,
+                                                     local.to(torch.int32), kv_lens, scale, acc)
+    if score_acc is not None:
+        score_acc.index_add_(0, used, acc)
+    return out, lse
 
 
 def paged_prefix_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
