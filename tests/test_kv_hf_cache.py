@@ -154,3 +154,42 @@ def test_evicting_policy_without_model_raises():
     ids, mask = _inputs(1)
     with pytest.raises(RuntimeError, match="attach"):
         _generate(model, ids, mask, PagedHFCache(model.config, policy="streaming", budget=4))
+
+
+@pytest.mark.parametrize("policy", ["adakv", "h2o", "pyramidkv"])
+def test_dense_masked_attention_equals_paged_attention_after_eviction(policy):
+    """With rows of different lengths per head (adakv) or per layer (pyramidkv), each decode
+    step's HF attention output equals PagedKVCache.attend over the same rows (no padding)."""
+    import fastadapt_ops.kv.hf_cache as hc
+    from transformers import AttentionInterface
+
+    model = _model()
+    ids, mask = _inputs(1)
+    ids = torch.cat([ids, ids], 0)[:, :13]
+    mask = torch.ones_like(ids)
+    cache = PagedHFCache(model, policy=policy, budget=5, page_size=2, chunk=1)
+    checked = []
+
+    def wrapper(module, query, key, value, attention_mask, **kw):
+        info = key._fastadapt_info
+        owner = info.owner()
+        ref = None
+        if not info.aligned and query.shape[2] == 1:
+            ref, _ = owner.paged.attend(info.layer, owner.seq_ids, query.transpose(1, 2),
+                                        scale=kw["scaling"], accumulate_scores=False)
+        out = hc._paged_attention(module, query, key, value, attention_mask, **kw)
+        if ref is not None:
+            torch.testing.assert_close(out[0], ref, rtol=1e-4, atol=1e-5)
+            checked.append(len({owner.paged.seq_len(owner.seq_ids[0], info.layer, h)
+                                for h in range(2)}))
+        return out
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, wrapper)
+    try:
+        _generate(model, ids, mask, cache, n=6)
+    finally:
+        hc.register_attention()
+        cache.detach()
+    assert len(checked) >= 3 * 4
+    if policy == "adakv":
+        assert max(checked) > 1, "head-wise budgets gave the heads of a layer different lengths"

@@ -479,10 +479,12 @@ def maybe_evict(cache, policy: Policy, seq_id: int, layer: int, prefill: bool = 
     chunk = cache.page_size if chunk is None else chunk
     ctx = EvictionContext.from_cache(cache, seq_id, [layer], policy.budget, total_len, valid)
     k_layer = policy.layer_allocation(ctx)[layer]
-    longest = max(ctx.length(layer, h) for h in range(cache.num_kv_heads))
-    if not prefill and longest <= k_layer + chunk:
+    H = cache.num_kv_heads
+    held = sum(ctx.length(layer, h) for h in range(H))
+    # the layer's total, not the longest row: head-adaptive budgets give heads unequal shares
+    if not prefill and held <= H * (k_layer + chunk):
         return False
-    if prefill and longest <= k_layer and policy.head_budgets == "uniform":
+    if prefill and held <= H * k_layer and policy.head_budgets == "uniform":
         return False
     sel = policy.select(ctx)
     cache.keep(layer, seq_id, [sel[(layer, h)] for h in range(cache.num_kv_heads)])
