@@ -417,3 +417,19 @@ def test_reference_fallback_on_used_pages_equals_reference():
                                                   indptr, indices, lens, 0.4, acc2)
     assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
     torch.testing.assert_close(acc1, acc2, rtol=1e-6, atol=1e-6)
+
+
+def test_keep_by_position():
+    cache = PagedKVCache(1, 2, 4, page_size=2, num_pages=32)
+    s = cache.add_sequence()
+    k = torch.randn(10, 2, 4)
+    cache.append(0, [s], k, k)
+    cache.keep(0, s, [torch.tensor([1, 4, 6, 9]), torch.arange(10)])
+    cache.keep(0, s, [torch.tensor([4, 9]), torch.tensor([0, 9])], by="position")
+    assert cache.positions(s, 0, 0).tolist() == [4, 9]
+    assert torch.equal(cache.gather(0, s, 0)[0], k[[4, 9], 0])
+    assert torch.equal(cache.gather(0, s, 1)[0], k[[0, 9], 1])
+    with pytest.raises(ValueError, match="does not hold"):
+        cache.keep(0, s, [torch.tensor([5]), torch.tensor([0])], by="position")
+    with pytest.raises(ValueError, match="by must be"):
+        cache.keep(0, s, [torch.tensor([0]), torch.tensor([0])], by="slot")

@@ -304,11 +304,13 @@ class PagedKVCache:
         dst_t = torch.tensor([b for _, b in pairs], dtype=torch.int32, device=self.device)
         _ops.kv_compact(self.k_pages[layer], self.v_pages[layer], self.scores[layer], src_t, dst_t)
 
-    def keep(self, layer: int, seq_id: int, keep_idx_per_head) -> None:
+    def keep(self, layer: int, seq_id: int, keep_idx_per_head, by: str = "index") -> None:
         """Compact each KV head's row of ``(layer, seq_id)`` to exactly the given tokens.
 
-        ``keep_idx_per_head``: ``H_kv`` sorted, distinct integer tensors (or lists) of indices
-        into the row's current tokens (``0 .. seq_len - 1``). Kept tokens keep their order and
+        ``keep_idx_per_head``: ``H_kv`` sorted, distinct integer tensors (or lists) naming the
+        tokens to keep: with ``by="index"`` indices into the row's current tokens
+        (``0 .. seq_len - 1``, what policies return); with ``by="position"`` logical positions
+        (``positions(seq_id, layer, h)`` values; each must be held). Kept tokens keep their order and
         logical positions. Destinations are the row's own pages where the row holds them alone,
         fresh pages where they are shared; a leading run of whole pages that is kept unchanged is
         not touched at all (a forked prompt stays shared). Pages nothing points to any more go
@@ -322,6 +324,8 @@ class PagedKVCache:
         if not isinstance(keep_idx_per_head, (list, tuple)) or len(keep_idx_per_head) != H:
             raise ValueError(f"PagedKVCache.keep: keep_idx_per_head must be a list of {H} index "
                              "tensors (one per KV head)")
+        if by not in ("index", "position"):
+            raise ValueError(f"PagedKVCache.keep: by must be 'index' or 'position', got {by!r}")
         alloc = self.allocators[layer]
         idxs = []
         for h, idx in enumerate(keep_idx_per_head):
@@ -331,6 +335,12 @@ class PagedKVCache:
                 raise ValueError(f"PagedKVCache.keep: keep_idx_per_head[{h}] must be a 1-D "
                                  "integer tensor")
             idx = idx.long().cpu()
+            if by == "position" and idx.numel():
+                j = torch.searchsorted(row.pos, idx).clamp(max=max(row.length - 1, 0))
+                if row.length == 0 or not torch.equal(row.pos[j], idx):
+                    raise ValueError(f"PagedKVCache.keep: keep_idx_per_head[{h}] names positions "
+                                     "the row does not hold")
+                idx = j
             if idx.numel():
                 if int(idx.min()) < 0 or int(idx.max()) >= row.length:
                     raise ValueError(f"PagedKVCache.keep: keep_idx_per_head[{h}] out of range "
