@@ -193,3 +193,33 @@ def test_dense_masked_attention_equals_paged_attention_after_eviction(policy):
     assert len(checked) >= 3 * 4
     if policy == "adakv":
         assert max(checked) > 1, "head-wise budgets gave the heads of a layer different lengths"
+
+
+def test_two_generate_calls_on_one_cache_match_dynamic_cache():
+    from transformers import DynamicCache
+
+    model = _model()
+    ids, mask = _inputs(2)
+    more = torch.randint(3, 97, (2, 4), generator=torch.Generator().manual_seed(5))
+
+    def two_turns(cache):
+        out = _generate(model, ids, mask, cache, n=5)
+        ids2 = torch.cat([out, more], 1)
+        mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+        return _generate(model, ids2, mask2, cache, n=5)
+
+    ref = two_turns(DynamicCache(config=model.config))
+    cache = PagedHFCache(model, policy="h2o", budget=1.0)
+    try:
+        out = two_turns(cache)
+    finally:
+        cache.detach()
+    assert torch.equal(out, ref)
+    assert cache.get_seq_length() == out.shape[1] - 1
+    streaming = PagedHFCache(model, policy="streaming", budget=8, page_size=4)
+    try:
+        out = two_turns(streaming)
+    finally:
+        streaming.detach()
+    assert out.shape == ref.shape and streaming.bytes_held() < cache.bytes_held()
+    assert model.config._attn_implementation == "sdpa"
