@@ -223,3 +223,24 @@ def test_two_generate_calls_on_one_cache_match_dynamic_cache():
         streaming.detach()
     assert out.shape == ref.shape and streaming.bytes_held() < cache.bytes_held()
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_attach_replaces_the_previous_cache_and_restores_sdpa():
+    import gc
+    import weakref
+
+    model = _model()
+    ids, mask = _inputs(1)
+    a = PagedHFCache(model, policy="streaming", budget=8)
+    b = PagedHFCache(model, policy="streaming", budget=8)  # detaches a
+    assert a._model is None and not a._hooks
+    _generate(model, ids, mask, b, n=3)
+    b.detach()
+    assert model.config._attn_implementation == "sdpa"
+    c = PagedHFCache(model, policy="h2o", budget=8)
+    _generate(model, ids, mask, c, n=3)
+    ref = weakref.ref(c)
+    del c  # dropped without detach: the model's hook holds it weakly
+    gc.collect()
+    assert ref() is None
+    _generate(model, ids, mask, None, n=3)  # the orphan hook is harmless

@@ -199,28 +199,46 @@ class PagedHFCache(Cache):
 
     # ------------------------------------------------------------------ model hookup
     def attach(self, model: torch.nn.Module) -> "PagedHFCache":
-        """Switch ``model`` to the ``"fastadapt_paged"`` attention and capture its 2-D mask."""
+        """Switch ``model`` to the ``"fastadapt_paged"`` attention and capture its 2-D mask.
+
+        One cache is attached to a model at a time: attaching detaches the previous one (its
+        original attention implementation is what a final ``detach`` restores). The model's hook
+        holds the cache weakly, so a cache that is dropped without ``detach`` is still freed.
+        """
         register_attention()
         self.detach()
+        prev_ref = getattr(model, "_fastadapt_paged_cache", None)
+        prev = prev_ref() if prev_ref is not None else None
+        if prev is not None and prev is not self and prev._model is model:
+            orig = prev._prev_attn
+            prev.detach()
+        else:
+            orig = model.config._attn_implementation
         self._model = model
-        self._prev_attn = model.config._attn_implementation
+        self._prev_attn = orig
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        model._fastadapt_paged_cache = weakref.ref(self)
+        me = weakref.ref(self)
 
         def pre_hook(_mod, args, kwargs):
-            am = kwargs.get("attention_mask")
-            self._pending_mask = am if (isinstance(am, torch.Tensor) and am.dim() == 2) else None
+            cache = me()
+            if cache is not None:
+                am = kwargs.get("attention_mask")
+                cache._pending_mask = am if (isinstance(am, torch.Tensor) and am.dim() == 2) else None
             return None
 
         self._hooks.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
         return self
 
     def detach(self) -> None:
-        """Undo :meth:`attach` (hooks and attention implementation)."""
+        """Undo :meth:`attach` (hook and attention implementation)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
         if self._model is not None and self._prev_attn is not None:
             self._model.set_attn_implementation(self._prev_attn)
+            if getattr(self._model, "_fastadapt_paged_cache", lambda: None)() is self:
+                self._model._fastadapt_paged_cache = None
         self._model = None
 
     # ------------------------------------------------------------------ bookkeeping
