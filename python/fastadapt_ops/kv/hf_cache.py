@@ -34,7 +34,12 @@ How it plugs into HF (transformers 5.x):
   layer's query states after HF's attention. Padding keys may receive mass during the first
   prefill (the paged rows do not know padding); they are dropped at the first eviction anyway.
 - Eviction runs right after a layer's attention: at the end of the prefill every row goes to its
-  budget, during decode a row is compacted once it exceeds its budget by ``chunk`` tokens.
+  budget, during decode a layer is compacted once its rows hold more than their budget plus
+  ``chunk`` tokens each (one page by default), which amortises compaction.
+- Memory: ``bytes_held``/``peak_bytes`` count pages. The dense K/V handed to HF is a transient
+  copy of one layer (freed after that layer's attention).
+- The attached model runs SDPA (through ``"fastadapt_paged"``) whatever it ran before; the 100%
+  budget equality is with the SDPA ``DynamicCache`` path. ``detach()`` restores the original.
 - Not supported (raise): beam search reordering, ``crop`` (assisted decoding), batch selection.
 """
 from __future__ import annotations
