@@ -25,6 +25,14 @@ pages the row owns alone, or into fresh pages.
 
 Plan/run: ``plan(layer, seq_ids)`` materialises the int32 CSR tables (rows ``b * H_kv + h``) and
 caches them until that layer's tables change; ``attend`` runs the paged attention on them.
+
+API: ``add_sequence() -> id``, ``free_sequence(id)``, ``fork(id) -> id``,
+``append(layer, ids, k, v, tokens_per_seq=None)``, ``attend(layer, ids, q, scale)``,
+``keep(layer, id, idx_per_head, by="index"|"position")``, ``plan(layer, ids)``,
+``gather(layer, id, head)``, ``gather_dense(layer, ids)``, ``row_scores``, ``reset_scores``,
+``key_norms``, ``seq_len(id, layer, head)``, ``position(id)``, ``positions(id, layer, head)``,
+``bytes_held()``, ``peak_bytes``. Exhaustion raises ``OutOfPagesError`` (a ``RuntimeError``)
+before any state changes; bad arguments raise ``ValueError`` naming the argument.
 """
 from __future__ import annotations
 
