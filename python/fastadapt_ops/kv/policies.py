@@ -35,8 +35,9 @@ Policies (``POLICIES``, ``get_policy(name, **kw)``)
 ``window`` queries of the prefill, then every decode query).
 
 When to evict (:func:`maybe_evict`): at the end of a prefill every row goes to its budget; during
-decode a row is compacted only once it exceeds its budget by ``chunk`` tokens (a page by
-default), which amortises compaction.
+decode a layer is compacted only once its rows hold more than their budget plus ``chunk`` tokens
+each (a page by default; the layer total, since head-adaptive shares differ), which amortises
+compaction. The caller feeds the score pool as ``score_mode`` says (``PagedHFCache`` does).
 """
 from __future__ import annotations
 
@@ -472,8 +473,9 @@ def evict(cache, policy: Policy, seq_id: int, layers: Optional[Sequence[int]] = 
 
 def maybe_evict(cache, policy: Policy, seq_id: int, layer: int, prefill: bool = False,
                 chunk: Optional[int] = None, total_len: Optional[int] = None, valid=None) -> bool:
-    """Evict ``layer`` of ``seq_id`` when due: always after a prefill, during decode when a row
-    exceeds its budget by ``chunk`` tokens (default: one page). Returns whether it evicted."""
+    """Evict ``layer`` of ``seq_id`` when due: after a prefill when over budget, during decode when
+    the layer holds more than ``H_kv * (budget + chunk)`` tokens (``chunk`` default: one page).
+    Returns whether it evicted."""
     if isinstance(policy, FullPolicy) or policy.budget.is_full:
         return False
     chunk = cache.page_size if chunk is None else chunk
