@@ -50,13 +50,42 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _Row:
-    __slots__ = ("pages", "length", "pos", "cap")
+    """One (sequence, layer, KV head) row: its pages, token count and logical positions.
+
+    Positions are kept lazily: a materialised tensor plus a contiguous tail run ``tail0 ..
+    tail0 + tailn - 1`` appended since, so a decode step costs two integer updates, not a
+    tensor concatenation (the decode loop appends to every row of every layer each token)."""
+
+    __slots__ = ("pages", "length", "_pos", "_tail0", "_tailn", "cap")
 
     def __init__(self) -> None:
         self.pages: List[int] = []
         self.length = 0
-        self.pos = torch.empty(0, dtype=torch.long)  # [length] logical positions
+        self._pos = torch.empty(0, dtype=torch.long)  # materialised head of the positions
+        self._tail0 = 0
+        self._tailn = 0
         self.cap: Optional[torch.Tensor] = None  # slots of every page (cache; None = stale)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """``[length]`` int64 logical positions of the row's tokens."""
+        if self._tailn:
+            self._pos = torch.cat([self._pos, torch.arange(self._tail0, self._tail0 + self._tailn)])
+            self._tailn = 0
+        return self._pos
+
+    @pos.setter
+    def pos(self, value: torch.Tensor) -> None:
+        self._pos = value
+        self._tailn = 0
+
+    def extend_pos(self, start: int, n: int) -> None:
+        """Append positions ``start .. start + n - 1``."""
+        if self._tailn and self._tail0 + self._tailn != start:
+            self.pos  # noqa: B018  (materialise the old run first)
+        if not self._tailn:
+            self._tail0 = start
+        self._tailn += n
 
     def copy(self) -> "_Row":
         r = _Row()
@@ -247,6 +276,10 @@ class PagedKVCache:
                                  f"ints summing to N={N}, got {tokens_per_seq!r}")
         S = self.page_size
         alloc = self.allocators[layer]
+        if all(c == 1 for c in counts):
+            fast = self._append_one(layer, seq_ids, seqs, k, v)
+            if fast is not None:
+                return fast
         # page demand first, so that exhaustion raises before anything changes
         need = 0
         for s, n in zip(seqs, counts):
@@ -287,7 +320,7 @@ class PagedKVCache:
                     row.pages.extend(alloc.alloc(extra))
                     row.cap = None
                 slot_mapping[off:off + n, h] = self._row_slots(row, row.length, row.length + n).int()
-                row.pos = torch.cat([row.pos, torch.arange(s.next_pos[layer], s.next_pos[layer] + n)])
+                row.extend_pos(s.next_pos[layer], n)
                 row.length += n
             s.next_pos[layer] += n
             off += n
@@ -301,6 +334,51 @@ class PagedKVCache:
             self.scores[layer].view(-1)[flat[flat >= 0]] = 0.0
         self._bump(layer)
         self._note_peak()
+        return slot_mapping
+
+    def _append_one(self, layer: int, seq_ids, seqs: List[_Seq], k: torch.Tensor,
+                    v: torch.Tensor) -> Optional[torch.Tensor]:
+        """Decode fast path: one token per sequence, no shared partially filled page. Slots are
+        computed in Python ints, and a cached plan of exactly this batch is advanced in place
+        (``kv_lens += 1``) instead of rebuilt when no row needed a new page. Returns None (the
+        caller takes the general path) when a row needs copy-on-write or the pool is short."""
+        S = self.page_size
+        alloc = self.allocators[layer]
+        need = 0
+        for s in seqs:
+            for row in s.rows[layer]:
+                fill = row.length % S
+                if fill == 0:
+                    need += 1
+                elif alloc.refcount(row.pages[-1]) > 1:
+                    return None
+        if need > alloc.num_free:
+            return None
+        slots = []
+        for s in seqs:
+            p = s.next_pos[layer]
+            for row in s.rows[layer]:
+                if row.length % S == 0:
+                    row.pages.extend(alloc.alloc(1))
+                    row.cap = None
+                slots.append(row.pages[row.length // S] * S + row.length % S)
+                row.extend_pos(p, 1)
+                row.length += 1
+            s.next_pos[layer] = p + 1
+        slot_mapping = torch.tensor(slots, dtype=torch.int32).view(len(seqs), self.num_kv_heads)
+        sm = slot_mapping.to(self.device)
+        _ops.kv_append(k.to(self.device, self.dtype), v.to(self.device, self.dtype),
+                       self.k_pages[layer], self.v_pages[layer], sm)
+        if self.track_scores:
+            self.scores[layer].view(-1)[sm.reshape(-1).long()] = 0.0
+        key = (layer, tuple(seq_ids))
+        hit = self._plans.get(key) if need == 0 else None
+        self._bump(layer)
+        if hit is not None and hit[0] == self._version[layer] - 1:
+            hit[1][2].add_(1)  # every row of this batch grew by one token; pages unchanged
+            self._plans[key] = (self._version[layer], hit[1])
+        if need:
+            self._note_peak()
         return slot_mapping
 
     # ------------------------------------------------------------------ compaction

@@ -39,11 +39,46 @@ def _progress_printer(label: str, stream=sys.stderr):
     return cb
 
 
+def _budget(text: str):
+    """``--kv-budget``: a ratio in (0, 1] ("0.25") or a token count ("256")."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--kv-budget must be a ratio or a token count, got {text!r}")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"--kv-budget must be > 0, got {text!r}")
+    return int(v) if v > 1 and v == int(v) else v
+
+
+def _configure_kv(model, args) -> None:
+    if getattr(args, "kv_policy", None):
+        model.configure_kv(args.kv_policy, args.kv_budget, page_size=args.page_size)
+    elif getattr(args, "page_size", None):
+        model.configure_kv(None, page_size=args.page_size)
+
+
+def _kv_fields(model) -> dict:
+    b = model.kv_bytes()
+    return {"kv_bytes_end": b["held"], "kv_bytes_peak": b["peak"],
+            "kv_policy": getattr(model.kv_policy, "name", None) if model.kv_policy else None}
+
+
+def _add_kv_args(p) -> None:
+    from ..kv.policies import POLICIES
+
+    p.add_argument("--kv-policy", default=None, choices=sorted(POLICIES),
+                   help="KV cache eviction policy (default: keep everything)")
+    p.add_argument("--kv-budget", type=_budget, default=1.0,
+                   help="KV budget: a ratio of the tokens seen (0.25) or a token count per row (256)")
+    p.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens")
+
+
 def cmd_generate(args) -> int:
     from . import generate, load
 
     _threads(args)
     model = load(args.model, threads=args.threads, quantize=args.quantize, group_size=args.group_size)
+    _configure_kv(model, args)
     stream = None
     if not args.json:
         stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
@@ -51,7 +86,7 @@ def cmd_generate(args) -> int:
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                  chat=args.chat, stream=stream)
     if args.json:
-        print(json.dumps(r.to_dict()))
+        print(json.dumps({**r.to_dict(), **_kv_fields(model)}))
     else:
         print()
         print(f"[{r.prompt_tokens} prompt tokens: {r.prefill_tokens_per_s:.1f} tok/s prefill; "
@@ -65,14 +100,16 @@ def cmd_perplexity(args) -> int:
     _threads(args)
     model = load(args.model, threads=args.threads, max_ctx=max(args.ctx, 16), quantize=args.quantize,
                  group_size=args.group_size)
+    _configure_kv(model, args)
     if model.tokenizer is None:
         raise SystemExit(f"fastadapt perplexity: {args.model} has no tokenizer")
     with open(args.file, encoding="utf-8") as f:
         text = f.read()
     ids = model.tokenizer.encode(text)
     t = time.perf_counter()
-    res = perplexity(model, ids, ctx=args.ctx)
+    res = perplexity(model, ids, ctx=args.ctx, chunk=args.chunk)
     res["seconds"] = time.perf_counter() - t
+    res.update(_kv_fields(model))
     if args.json:
         print(json.dumps(res))
     else:
@@ -174,6 +211,7 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _add_quantize_args(g)
+    _add_kv_args(g)
     g.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("perplexity", help="perplexity of a text file")
@@ -183,6 +221,9 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     _add_quantize_args(p)
+    p.add_argument("--chunk", type=int, default=None,
+                   help="tokens per forward within a window (default: all, or 64 with a KV policy)")
+    _add_kv_args(p)
     p.set_defaults(func=cmd_perplexity)
 
     d = subparsers.add_parser("demo", help="chat with SmolLM2 and compare speed with HF transformers")

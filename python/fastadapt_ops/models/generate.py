@@ -112,20 +112,28 @@ def generate(model, tokenizer, prompt: Union[str, Sequence[int]], max_new_tokens
         decode_tokens_per_s=decode_steps / t_dec if t_dec > 0 else 0.0, finish_reason=finish)
 
 
-def perplexity(model, ids: Sequence[int], ctx: int = 512) -> dict:
-    """Perplexity over ``ids`` in non-overlapping windows of ``ctx`` tokens: ``{ppl, tokens}``."""
+def perplexity(model, ids: Sequence[int], ctx: int = 512, chunk: Optional[int] = None) -> dict:
+    """Perplexity over ``ids`` in non-overlapping windows of ``ctx`` tokens: ``{ppl, tokens}``.
+
+    Each window is fed in pieces of ``chunk`` tokens (default: the whole window, or 64 when the
+    model has a KV eviction policy, so the policy compacts the cache between pieces and later
+    tokens are predicted from the budgeted cache)."""
     ids = [int(i) for i in ids]
     ctx = max(2, min(int(ctx), model.max_ctx))
+    if chunk is None:
+        chunk = 64 if getattr(model, "kv_policy", None) is not None else ctx
+    chunk = max(1, int(chunk))
     nll, n = 0.0, 0
     for s in range(0, len(ids) - 1, ctx):
-        chunk = ids[s:s + ctx]
-        if len(chunk) < 2:
+        window = ids[s:s + ctx]
+        if len(window) < 2:
             break
-        logits = model.prefill(chunk, all_logits=True).double()
-        tgt = torch.tensor(chunk[1:])
+        logits = torch.cat([model.prefill(window[c:c + chunk], all_logits=True, reset=c == 0)
+                            for c in range(0, len(window), chunk)]).double()
+        tgt = torch.tensor(window[1:])
         lp = torch.log_softmax(logits[:-1], -1)
         nll -= float(lp.gather(1, tgt[:, None]).sum())
-        n += len(chunk) - 1
+        n += len(window) - 1
     if n == 0:
         raise ValueError("perplexity: need at least 2 tokens")
     return {"ppl": math.exp(nll / n), "tokens": n}

@@ -1,8 +1,14 @@
 """LlamaModel: a lean Llama-family decoder on ``fastadapt::qlinear`` (batch 1, one sequence).
 
-Per layer: RMSNorm -> fused QKV projection -> RoPE -> GQA attention (scaled_dot_product_attention
-over a preallocated KV cache ``[layers, 2, kv_heads, max_ctx, head_dim]``) -> output projection ->
+Per layer: RMSNorm -> fused QKV projection -> RoPE -> K/V appended to a paged KV cache
+(``fastadapt_ops.kv.PagedKVCache``: pages per (sequence, layer, KV head)) -> GQA paged attention
+(``fastadapt::paged_decode_attention``, causal among the new tokens) -> output projection ->
 residual -> RMSNorm -> fused gate/up projection -> SwiGLU -> down projection -> residual.
+
+An eviction policy (``configure_kv(policy, budget)``: StreamingLLM, H2O, TOVA, SnapKV, PyramidKV,
+AdaKV, key-norm) compacts the cache after the prefill and every ``page_size`` decode steps;
+policies that need attention scores read the per-key mass the attention kernel accumulates in
+the same pass. RoPE positions stay logical (``self.pos``) however many tokens are kept.
 
 Quantized weights stay in their stored GGUF format; q, k and v (and gate and up) are concatenated
 row-wise into one packed weight when they share a format, so one kernel call reads the activation
@@ -40,6 +46,20 @@ def _op():
 
 
 _QLINEAR = _op()
+
+
+def _paged_attention_op():
+    try:
+        import fastadapt_ops.ops.paged_attention  # noqa: F401
+
+        return torch.ops.fastadapt.paged_decode_attention.default
+    except (ImportError, AttributeError, RuntimeError):
+        from ..ops.kv_reference import paged_decode_attention_reference
+
+        return paged_decode_attention_reference
+
+
+_PAGED_ATTN = _paged_attention_op()
 
 
 def _unpermute_rows(n_heads: int, rows: int) -> torch.Tensor:
@@ -174,8 +194,12 @@ class LlamaModel:
         ang = torch.cat([ang, ang], -1)
         self._cos = ang.cos().to(dtype).contiguous()  # [max_ctx, hd]
         self._sin = ang.sin().to(dtype).contiguous()
-        self._cache: Optional[torch.Tensor] = None
         self.pos = 0
+        self._kv = None  # PagedKVCache, built on first use (configure_kv changes it)
+        self._seq: Optional[int] = None
+        self.page_size = 16
+        self.kv_policy = None  # fastadapt_ops.kv.policies.Policy or None (keep everything)
+        self._evict_due = 0  # decode steps since the last eviction check
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -183,17 +207,84 @@ class LlamaModel:
         return cls(config, tensors, **kw)
 
     # ---- cache ---------------------------------------------------------------------------
+    def configure_kv(self, policy: Optional[str] = None, budget: Union[int, float] = 1.0,
+                     page_size: int = 16, **policy_kw) -> None:
+        """Choose the KV eviction policy (a name from ``fastadapt_ops.kv.POLICIES`` or None for
+        the full cache), its budget (a ratio of the tokens seen, or a token count per row) and
+        the page size. Drops the current sequence."""
+        from ..kv.policies import FullPolicy, get_policy
+
+        if not isinstance(page_size, int) or page_size <= 0:
+            raise ValueError(f"fastadapt_ops.models: page_size must be a positive int, got {page_size!r}")
+        pol = None if policy is None else get_policy(policy, budget=budget, **policy_kw)
+        if pol is not None and (isinstance(pol, FullPolicy) or pol.budget.is_full):
+            pol = None  # a 100% budget keeps everything: the full cache, bit for bit
+        self.kv_policy = pol
+        self.page_size = page_size
+        self._kv = None
+        self._seq = None
+        self.pos = 0
+
     @property
-    def kv_cache(self) -> torch.Tensor:
-        """``[layers, 2, kv_heads, max_ctx, head_dim]`` (allocated on first use)."""
-        if self._cache is None:
+    def kv(self):
+        """The paged KV cache (``fastadapt_ops.kv.PagedKVCache``), built on first use with room
+        for ``max_ctx`` tokens in every row."""
+        if self._kv is None:
+            from ..kv import PagedKVCache
+
             c = self.config
-            self._cache = torch.zeros(c.n_layers, 2, c.n_kv_heads, self.max_ctx, c.head_dim, dtype=self.dtype)
-        return self._cache
+            pages_per_row = -(-self.max_ctx // self.page_size)
+            self._kv = PagedKVCache(c.n_layers, c.n_kv_heads, c.head_dim, page_size=self.page_size,
+                                    num_pages=c.n_kv_heads * (pages_per_row + 1), dtype=self.dtype,
+                                    track_scores=self.kv_policy is not None and self.kv_policy.needs_scores)
+        return self._kv
+
+    def kv_bytes(self) -> Dict[str, int]:
+        """KV cache bytes held now and at peak (pages in use x page bytes, all layers)."""
+        if self._kv is None:
+            return {"held": 0, "peak": 0}
+        return {"held": self._kv.bytes_held(), "peak": self._kv.peak_bytes}
 
     def reset(self) -> None:
-        """Forget the sequence (the cache memory is kept)."""
+        """Forget the sequence: its pages go back to the pool (which stays allocated)."""
+        kv = self.kv
+        if self._seq is not None:
+            kv.free_sequence(self._seq)
+        self._seq = kv.add_sequence()
         self.pos = 0
+        self._evict_due = 0
+
+    def _attend(self, li: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Paged attention of ``q [T, H_q, D]`` (the newest T tokens) over layer ``li``; feeds the
+        score pool the way the policy asks (see ``fastadapt_ops.kv.policies``)."""
+        kv, seq, pol = self._kv, [self._seq], self.kv_policy
+        T = q.shape[0]
+        indptr, indices, lens = kv.plan(li, seq)
+        mode = pol.score_mode if pol is not None else None
+        acc = kv.scores[li] if mode == "accumulate" or (mode is not None and T == 1) else None
+        if mode == "last" and T == 1:
+            kv.reset_scores(li, seq)
+        o, _ = _PAGED_ATTN(q[None], kv.k_pages[li], kv.v_pages[li], indptr, indices, lens, scale, acc)
+        if mode is not None and acc is None:  # prefill: scores of the last queries only
+            w = 1 if mode == "last" else min(T, getattr(pol, "window", 0) or T)
+            if mode == "last":
+                kv.reset_scores(li, seq)
+            _PAGED_ATTN(q[None, T - w:], kv.k_pages[li], kv.v_pages[li], indptr, indices, lens, scale,
+                        kv.scores[li])
+        return o[0]
+
+    def _maybe_evict(self, T: int) -> None:
+        """Compact the cache to the policy's budget after a prefill, then every page_size steps."""
+        from ..kv.policies import maybe_evict
+
+        if T == 1:
+            self._evict_due += 1
+            if self._evict_due < self.page_size:
+                return
+        self._evict_due = 0
+        for li in range(self.config.n_layers):
+            maybe_evict(self._kv, self.kv_policy, self._seq, li, prefill=T > 1, chunk=self.page_size,
+                        total_len=self.pos)
 
     # ---- kernels -------------------------------------------------------------------------
     @staticmethod
@@ -235,13 +326,13 @@ class LlamaModel:
         nh, nkv, hd, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.rms_eps
         nq, nk = nh * hd, nkv * hd
         S = p0 + T
-        cache = self.kv_cache
+        if self._seq is None:
+            self.reset()
+        kv, seq = self.kv, [self._seq]
+        scale = hd ** -0.5
         cos = self._cos[p0:S].unsqueeze(1)  # [T, 1, hd]
         sin = self._sin[p0:S].unsqueeze(1)
         half = hd // 2
-        mask = None
-        if T > 1 and p0 > 0:  # queries at p0..S-1 see keys 0..their own position
-            mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=p0)
 
         x = self._embed(ids)  # [T, H], the residual stream
         delta = None  # the last block output not yet added into x (added by the fused norm)
@@ -255,28 +346,15 @@ class LlamaModel:
             q = qk[:, :nh]
             k = qk[:, nh:]
             v = qkv[:, nq + nk:].view(T, nkv, hd)
-            kc = cache[li, 0]  # [nkv, max_ctx, hd]
-            vc = cache[li, 1]
-            kc[:, p0:S].copy_(k.transpose(0, 1))
-            vc[:, p0:S].copy_(v.transpose(0, 1))
-            K = kc[:, :S]
-            V = vc[:, :S]
-            if T == 1:  # group the query heads of each KV head: [nkv, groups, hd] against [nkv, S, hd]
-                # (4-D inputs take the fused CPU flash kernel)
-                o = F.scaled_dot_product_attention(q.reshape(1, nkv, nh // nkv, hd), K[None], V[None])
-                o = o.reshape(1, nq)
-            else:
-                qt = q.transpose(0, 1)[None]  # [1, nh, T, hd]
-                if mask is None:
-                    o = F.scaled_dot_product_attention(qt, K[None], V[None], is_causal=True, enable_gqa=True)
-                else:
-                    o = F.scaled_dot_product_attention(qt, K[None], V[None], attn_mask=mask, enable_gqa=True)
-                o = o[0].transpose(0, 1).reshape(T, nq)
+            kv.append(li, seq, k, v)  # [T, nkv, hd] into this layer's pages
+            o = self._attend(li, q, scale).reshape(T, nq)  # causal among the T new tokens
             h = rms_norm(self._mm(o, L.wo, L.bo), L.ffn_norm, eps, x)  # x += attn out; h = norm(x)
             gu = self._mm(h, L.wgu)  # [T, 2 ffn]
             a = F.silu(gu[:, :c.ffn]).mul_(gu[:, c.ffn:])
             delta = self._mm(a, L.wdown)
         self.pos = S
+        if self.kv_policy is not None:
+            self._maybe_evict(T)
         if not all_logits:  # only the last position's logits are needed
             x, delta = x[-1:], delta[-1:]
         h = rms_norm(delta, self.out_norm, eps, x)
