@@ -144,3 +144,25 @@ def test_bench_e2e_smoke(tmp_path, keep_threads, smollm2_gguf_path):
     assert res["bytes_per_token"]["weight_bytes"] > 50e6  # SmolLM2 Q4_1 block matrices + Q8_0 head
     data = json.loads(next(tmp_path.glob("*/e2e.json")).read_text())
     assert data["columns"] == e2e.COLUMNS and data["meta"]["decode_split"]["per_token_us"] > 0
+
+
+def test_bench_kv_quality_smoke(tmp_path, keep_threads, smollm2_gguf_path):
+    """The KV-policy quality bench on the real model, tiny: the full-cache row is its own
+    baseline (ratio 1, agreement 1) and an evicting policy holds fewer KV bytes."""
+    from fastadapt_ops.bench import kv_quality
+
+    args = kv_quality.make_parser().parse_args(
+        ["--model", smollm2_gguf_path, "--context", "64", "--continuation", "16", "--greedy", "2",
+         "--chunk", "8", "--budgets", "0.25", "--policies", "streaming,h2o", "--page-size", "8",
+         "--out", str(tmp_path)])
+    args.kvpress_python = None
+    res = kv_quality.run(args)
+    full, *rest = res["rows"]
+    assert full["policy"] == "full" and full["ppl_vs_full"] == 1.0 and full["top1_agree"] == 1.0
+    assert [r["policy"] for r in rest] == ["streaming", "h2o"]
+    for r in rest:
+        assert r["ppl"] > 1.0 and 0.0 <= r["top1_agree"] <= 1.0
+        assert 0 < r["kv_bytes_end"] < full["kv_bytes_end"] and r["kv_frac_of_full"] < 1.0
+    assert any("kvpress not run" in n for n in res["notes"])
+    data = json.loads(next(tmp_path.glob("*/kv_quality.json")).read_text())
+    assert data["columns"] == kv_quality.COLUMNS and len(data["rows"]) == 3
