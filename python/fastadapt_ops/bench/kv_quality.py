@@ -148,7 +148,9 @@ def run(args: argparse.Namespace) -> dict:
         if "error" in kp:
             notes.append(f"kvpress not run: {kp['error']}")
         else:
-            notes.append(f"kvpress {kp.get('version')} on transformers {kp.get('transformers')} fp32")
+            notes.append(f"kvpress {kp.get('version')} on transformers {kp.get('transformers')} fp32 "
+                         "(presses compress at prefill only; continuation tokens are kept)")
+            notes += [f"kvpress press failed: {f}" for f in kp.get("failed", [])]
             base = kp["full"]
             for r in kp["rows"]:
                 rows.append({"engine": "kvpress", "policy": r["press"], "budget": r["budget"],

@@ -83,14 +83,16 @@ def main() -> None:
         "ObservedAttentionPress": lambda r: kvpress.ObservedAttentionPress(compression_ratio=r),
         "AdaSnapKVPress": lambda r: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=r)),
     }
-    result = {"version": getattr(kvpress, "__version__", "?"), "transformers": transformers.__version__,
+    from importlib.metadata import version
+
+    result = {"version": version("kvpress"), "transformers": transformers.__version__,
               "full": protocol(None), "rows": []}
     for name, make in presses.items():
         for b in job["budgets"]:
             try:
                 r = protocol(make(1.0 - float(b)))
             except Exception as e:  # noqa: BLE001  (a press that does not run here is reported)
-                print(f"{name} @ {b}: {type(e).__name__}: {e}", file=sys.stderr)
+                result.setdefault("failed", []).append(f"{name} @ {b}: {type(e).__name__}: {e}")
                 continue
             result["rows"].append({"press": name, "budget": b, **r})
     print(json.dumps(result))
