@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-FAMILIES = ("qlinear", "rms_norm")
+FAMILIES = ("qlinear", "rms_norm", "rope_swiglu")
 
 __all__ = ["FAMILIES", "main"]
 

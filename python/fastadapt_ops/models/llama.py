@@ -19,8 +19,11 @@ import torch.nn.functional as F
 
 from ..ops import qformats as qf
 from ..ops.rms_norm import rms_norm
+from ..ops.rope import rope
+from ..ops.silu_mul import silu_mul
 from ..quant import QuantizedWeight
 from .config import ModelConfig
+from .rope import rope_cos_sin_for
 
 __all__ = ["LlamaModel"]
 
@@ -137,13 +140,9 @@ class LlamaModel:
             self.lm_head = mat("output.weight", (c.vocab, H))
             c.tie_embeddings = False
 
-        # RoPE tables (rotate-half layout), positions scaled for linear rope scaling
-        inv = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-        posn = torch.arange(self.max_ctx, dtype=torch.float64) / c.rope_scale
-        ang = torch.outer(posn, inv)
-        ang = torch.cat([ang, ang], -1)
-        self._cos = ang.cos().to(dtype).contiguous()  # [max_ctx, hd]
-        self._sin = ang.sin().to(dtype).contiguous()
+        # RoPE table [max_ctx, hd] fp32: cos then sin of position * frequency (base and scaling
+        # from the config), read by the fused rope op
+        self._cos_sin = rope_cos_sin_for(c, self.max_ctx)
         self._cache: Optional[torch.Tensor] = None
         self.pos = 0
 
@@ -204,9 +203,7 @@ class LlamaModel:
         nq, nk = nh * hd, nkv * hd
         S = p0 + T
         cache = self.kv_cache
-        cos = self._cos[p0:S].unsqueeze(1)  # [T, 1, hd]
-        sin = self._sin[p0:S].unsqueeze(1)
-        half = hd // 2
+        positions = torch.arange(p0, S)  # [T], rows of the RoPE table
         mask = None
         if T > 1 and p0 > 0:  # queries at p0..S-1 see keys 0..their own position
             mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=p0)
@@ -217,11 +214,9 @@ class LlamaModel:
             # x += delta; h = rmsnorm(x): one fused op instead of an add and a norm
             h = rms_norm(x, L.attn_norm, eps) if delta is None else rms_norm(delta, L.attn_norm, eps, x)
             qkv = self._mm(h, L.wqkv)  # [T, nq + 2 nk]
-            # RoPE (rotate-half) on q and k at once: x*cos + [-x2, x1]*sin
-            qk = qkv[:, :nq + nk].view(T, nh + nkv, hd)
-            qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:].neg(), qk[..., :half]], -1), sin)
-            q = qk[:, :nh]
-            k = qk[:, nh:]
+            q = qkv[:, :nq].view(T, nh, hd)  # views into qkv, rotated in place (rotate-half:
+            k = qkv[:, nq:nq + nk].view(T, nkv, hd)  # the q/k rows were un-permuted at load)
+            rope(q, k, positions, self._cos_sin)
             v = qkv[:, nq + nk:].view(T, nkv, hd)
             kc = cache[li, 0]  # [nkv, max_ctx, hd]
             vc = cache[li, 1]
@@ -242,7 +237,7 @@ class LlamaModel:
                 o = o[0].transpose(0, 1).reshape(T, nq)
             h = rms_norm(self._mm(o, L.wo), L.ffn_norm, eps, x)  # x += attn out; h = norm(x)
             gu = self._mm(h, L.wgu)  # [T, 2 ffn]
-            a = F.silu(gu[:, :c.ffn]).mul_(gu[:, c.ffn:])
+            a = silu_mul(gu)  # silu(gate) * up: [T, ffn]
             delta = self._mm(a, L.wdown)
         self.pos = S
         if not all_logits:  # only the last position's logits are needed
