@@ -23,6 +23,14 @@ TORCH_LIBRARY(fastadapt, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!)? residual=None) -> Tensor");
 
   // ---- RoPE and SwiGLU (decoder-layer fusions) ---------------------------------------------
+  // Rotary embedding of q [T, H_q, D] and k [T, H_kv, D] in place (strided views of a fused QKV
+  // output are fine: last dim contiguous). Token t uses row positions[t] (int32/int64) of
+  // cos_sin [max_pos, D] fp32 (cos of the D/2 frequencies, then sin); fp32 math, q's dtype kept.
+  // interleaved=False: pairs (i, i + D/2) (HF/NeoX rotate-half); True: (2i, 2i + 1) (GPT-J).
+  m.def("rope(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos_sin, bool interleaved=False) -> ()");
+  // SwiGLU: x [..., 2F] (gate then up) -> silu(x[..., :F]) * x[..., F:] [..., F]; fp32 math.
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("silu_mul.out(Tensor x, *, Tensor(a!) out) -> ()");
 
   // ---- paged KV cache and attention --------------------------------------------------------
   // Layout (python/fastadapt_ops/ops/kv_reference.py): pools [num_pages, page_size, D]; a slot is

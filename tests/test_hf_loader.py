@@ -18,7 +18,6 @@ from fastadapt_ops.models.hf_loader import (  # noqa: E402
     hf_tensor_name, read_hf_dir, read_safetensors)
 from fastadapt_ops.quant import QuantizedWeight  # noqa: E402
 
-HAS_ROPE_MODULE = importlib.util.find_spec("fastadapt_ops.models.rope") is not None
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
@@ -357,17 +356,12 @@ def test_rope_config_parsing():
 
 
 def test_llama3_rope_model(tmp_path):
-    """The current LlamaModel.forward only applies linear scaling: llama3 is parsed, and loading
-    refuses it until models/rope.py (another branch) provides the tables; then it must match HF."""
+    """llama3 RoPE scaling (Llama 3.1 frequency bands) end to end against HF."""
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 32, "rope_theta": 10000.0}
     path = save_hf(make_hf_model("llama", seed=15, rope_parameters=llama3), tmp_path / "l3")
     assert read_hf_dir(path, with_tokenizer=False).config.rope_scaling == "llama3"
-    if not HAS_ROPE_MODULE:
-        with pytest.raises(NotImplementedError, match="llama3 RoPE scaling"):
-            load(path)
-    else:
-        check_against_hf(path)
+    check_against_hf(path)
 
 
 def test_sliding_window(tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-FAMILIES = ("qlinear", "rms_norm", "paged_attention", "kv_cache", "kv_quality", "e2e")
+FAMILIES = ("qlinear", "rms_norm", "rope_swiglu", "paged_attention", "kv_cache", "kv_quality", "e2e")
 
 __all__ = ["FAMILIES", "main"]
 

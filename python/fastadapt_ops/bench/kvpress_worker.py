@@ -41,15 +41,18 @@ def main() -> None:
                     total += t.numel() * t.element_size()
         return total
 
+    def prefill(press):
+        """The context through the model, compressed by ``press`` (its hook acts at prefill)."""
+        cache = DynamicCache()
+        if press is None:
+            return cache, model(ctx, past_key_values=cache, use_cache=True)
+        with press(model):
+            return cache, model(ctx, past_key_values=cache, use_cache=True)
+
     @torch.inference_mode()
     def protocol(press):
         t0 = time.perf_counter()
-        cache = DynamicCache()
-        if press is None:
-            out = model(ctx, past_key_values=cache, use_cache=True)
-        else:
-            with press(model):
-                out = model(ctx, past_key_values=cache, use_cache=True)
+        cache, out = prefill(press)
         peak = cache_bytes(cache)
         logits = [out.logits[0, -1:]]
         for c in range(0, len(cont) - 1, 32):
@@ -60,12 +63,7 @@ def main() -> None:
         lp = torch.log_softmax(torch.cat(logits).double(), -1)
         nll = -float(lp.gather(1, torch.tensor(cont)[:, None]).sum())
         end = cache_bytes(cache)
-        cache = DynamicCache()
-        if press is None:
-            out = model(ctx, past_key_values=cache, use_cache=True)
-        else:
-            with press(model):
-                out = model(ctx, past_key_values=cache, use_cache=True)
+        cache, out = prefill(press)
         greedy = []
         tok = out.logits[0, -1].argmax()
         for _ in range(n_greedy):

@@ -68,17 +68,6 @@ def resolve(name_or_path) -> str:
     return key
 
 
-def _check_rope(cfg: ModelConfig) -> None:
-    """llama3 RoPE scaling needs the RoPE tables of ``models/rope.py``; refuse it where that module
-    is absent rather than run with unscaled frequencies."""
-    if cfg.rope_scaling == "llama3":
-        import importlib.util
-
-        if importlib.util.find_spec(__name__ + ".rope") is None:
-            raise NotImplementedError("fastadapt_ops.models: llama3 RoPE scaling is parsed but not executed by "
-                                      "this build's LlamaModel (needs fastadapt_ops.models.rope)")
-
-
 def load(name_or_path, threads: Optional[int] = None, max_ctx: Optional[int] = None,
          progress: Optional[Callable[[int, int, str], None]] = None, quantize: Optional[str] = None,
          group_size: Optional[int] = 128) -> LlamaModel:
@@ -103,14 +92,12 @@ def load(name_or_path, threads: Optional[int] = None, max_ctx: Optional[int] = N
     check_quantize(quantize, group_size)
     path = resolve(name_or_path)
     if is_hf_dir(path):
-        return load_hf(path, max_ctx=max_ctx, quantize=quantize, group_size=group_size, progress=progress,
-                       check_config=_check_rope)
+        return load_hf(path, max_ctx=max_ctx, quantize=quantize, group_size=group_size, progress=progress)
     g = read_gguf(path, progress=progress)
     tied = "output.weight" not in g.tensors
     emb = g.tensors.get("token_embd.weight")
     cfg = ModelConfig.from_gguf_fields(g.metadata, vocab_fallback=None if emb is None else emb.shape[0],
                                        tie_embeddings=tied)
-    _check_rope(cfg)
     check_window(cfg, int(max_ctx or min(cfg.context_length, 4096)))
     tok = Tokenizer.from_gguf_metadata(g.metadata) if "tokenizer.ggml.tokens" in g.metadata else None
     tensors = quantize_block_matrices(g.tensors, quantize, group_size)

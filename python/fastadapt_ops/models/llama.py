@@ -28,8 +28,11 @@ import torch.nn.functional as F
 
 from ..ops import qformats as qf
 from ..ops.rms_norm import rms_norm
+from ..ops.rope import rope
+from ..ops.silu_mul import silu_mul
 from ..quant import QuantizedWeight
 from .config import ModelConfig
+from .rope import rope_cos_sin_for
 
 __all__ = ["LlamaModel"]
 
@@ -187,13 +190,9 @@ class LlamaModel:
             self.lm_head = mat("output.weight", (c.vocab, H))
             c.tie_embeddings = False
 
-        # RoPE tables (rotate-half layout), positions scaled for linear rope scaling
-        inv = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-        posn = torch.arange(self.max_ctx, dtype=torch.float64) / c.rope_scale
-        ang = torch.outer(posn, inv)
-        ang = torch.cat([ang, ang], -1)
-        self._cos = ang.cos().to(dtype).contiguous()  # [max_ctx, hd]
-        self._sin = ang.sin().to(dtype).contiguous()
+        # RoPE table [max_ctx, hd] fp32: cos then sin of position * frequency (base and scaling
+        # from the config), read by the fused rope op
+        self._cos_sin = rope_cos_sin_for(c, self.max_ctx)
         self.pos = 0
         self._kv = None  # PagedKVCache, built on first use (configure_kv changes it)
         self._seq: Optional[int] = None
@@ -330,9 +329,7 @@ class LlamaModel:
             self.reset()
         kv, seq = self.kv, [self._seq]
         scale = hd ** -0.5
-        cos = self._cos[p0:S].unsqueeze(1)  # [T, 1, hd]
-        sin = self._sin[p0:S].unsqueeze(1)
-        half = hd // 2
+        positions = torch.arange(p0, S)  # [T], rows of the RoPE table
 
         x = self._embed(ids)  # [T, H], the residual stream
         delta = None  # the last block output not yet added into x (added by the fused norm)
@@ -340,17 +337,15 @@ class LlamaModel:
             # x += delta; h = rmsnorm(x): one fused op instead of an add and a norm
             h = rms_norm(x, L.attn_norm, eps) if delta is None else rms_norm(delta, L.attn_norm, eps, x)
             qkv = self._mm(h, L.wqkv, L.bqkv)  # [T, nq + 2 nk]
-            # RoPE (rotate-half) on q and k at once: x*cos + [-x2, x1]*sin
-            qk = qkv[:, :nq + nk].view(T, nh + nkv, hd)
-            qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:].neg(), qk[..., :half]], -1), sin)
-            q = qk[:, :nh]
-            k = qk[:, nh:]
+            q = qkv[:, :nq].view(T, nh, hd)  # views into qkv, rotated in place (rotate-half:
+            k = qkv[:, nq:nq + nk].view(T, nkv, hd)  # the q/k rows were un-permuted at load)
+            rope(q, k, positions, self._cos_sin)
             v = qkv[:, nq + nk:].view(T, nkv, hd)
             kv.append(li, seq, k, v)  # [T, nkv, hd] into this layer's pages
             o = self._attend(li, q, scale).reshape(T, nq)  # causal among the T new tokens
             h = rms_norm(self._mm(o, L.wo, L.bo), L.ffn_norm, eps, x)  # x += attn out; h = norm(x)
             gu = self._mm(h, L.wgu)  # [T, 2 ffn]
-            a = F.silu(gu[:, :c.ffn]).mul_(gu[:, c.ffn:])
+            a = silu_mul(gu)  # silu(gate) * up: [T, ffn]
             delta = self._mm(a, L.wdown)
         self.pos = S
         if self.kv_policy is not None:

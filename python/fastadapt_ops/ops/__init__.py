@@ -7,3 +7,5 @@ from .paged_attention import (  # noqa: F401
     paged_prefix_attention,
 )
 from .paged_kv import kv_append, kv_compact  # noqa: F401
+from .rope import rope  # noqa: F401
+from .silu_mul import silu_mul  # noqa: F401
