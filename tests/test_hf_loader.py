@@ -2,7 +2,6 @@
 sharded, fp32/fp16/bf16, tied/untied) against HF transformers fp32; Qwen2 GGUF; quantize-on-load;
 the tokenizer from tokenizer.json; RoPE config parsing; the CLI; and every error."""
 
-import importlib.util
 import json
 import os
 
