@@ -59,6 +59,15 @@ inline uint16_t f32_to_fp16_bits(float f) {
   return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
 }
 
+// IEEE half bits -> float: the F16C instruction in TUs built with it, else the portable path.
+inline float half_to_f32(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return fp16_bits_to_f32(h);
+#endif
+}
+
 inline float bf16_bits_to_f32(uint16_t h) { return f32_from_bits(static_cast<uint32_t>(h) << 16); }
 
 inline uint16_t f32_to_bf16_bits(float f) {

@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/kernels/elem_convert.h"
 #include "cpu/kernels/paged_kernels.h"
 
 namespace fastadapt::cpu {
@@ -26,38 +27,6 @@ namespace {
 
 constexpr int64_t kBlockKeys = 32;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-static inline float pa_half_to_float(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#else
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {  // subnormal: renormalise
-      int e = -1;
-      do { ++e; man <<= 1; } while (!(man & 0x400));
-      bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3FF) << 13;
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7F800000u | man << 13;
-  } else {
-    bits = sign | (exp + 127 - 15) << 23 | man << 13;
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-#endif
-}
-
-static inline float pa_bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 // dst[0, n) = fp32(src[0, n))
 static inline void pa_widen(const char* src, KvDType dt, int64_t n, float* dst) {
@@ -79,10 +48,10 @@ static inline void pa_widen(const char* src, KvDType dt, int64_t n, float* dst) 
   }
 #endif
   if (dt == KvDType::F16) {
-    for (; i < n; ++i) dst[i] = pa_half_to_float(s[i]);
+    for (; i < n; ++i) dst[i] = half_to_f32(s[i]);
   } else {
 #pragma omp simd
-    for (int64_t t = i; t < n; ++t) dst[t] = pa_bf16_to_float(s[t]);
+    for (int64_t t = i; t < n; ++t) dst[t] = bf16_bits_to_f32(s[t]);
   }
 }
 

@@ -9,40 +9,10 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/kernels/elem_convert.h"
 #include "cpu/kernels/qlinear_kernels.h"
 
 namespace fastadapt::cpu {
-
-static inline float fp16_to_float(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#endif
-  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {  // subnormal: renormalise
-      int e = -1;
-      do { ++e; man <<= 1; } while (!(man & 0x400));
-      bits = sign | (uint32_t)(127 - 15 - e) << 23 | (man & 0x3FF) << 13;
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7F800000u | man << 13;
-  } else {
-    bits = sign | (exp + 127 - 15) << 23 | man << 13;
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-static inline float bf16_to_float(uint16_t h) {
-  uint32_t bits = (uint32_t)h << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 static inline uint16_t load_u16(const uint8_t* p) {
   uint16_t v;
@@ -53,8 +23,8 @@ static inline uint16_t load_u16(const uint8_t* p) {
 static inline float load_scale(const QLinearProblem& p, int64_t index) {
   switch (p.scale_type) {
     case ScaleType::F32: return static_cast<const float*>(p.scales)[index];
-    case ScaleType::F16: return fp16_to_float(static_cast<const uint16_t*>(p.scales)[index]);
-    case ScaleType::BF16: return bf16_to_float(static_cast<const uint16_t*>(p.scales)[index]);
+    case ScaleType::F16: return half_to_f32(static_cast<const uint16_t*>(p.scales)[index]);
+    case ScaleType::BF16: return bf16_bits_to_f32(static_cast<const uint16_t*>(p.scales)[index]);
   }
   return 0.f;
 }
@@ -85,25 +55,25 @@ template <QFormat F, bool kSigned = kSignedCodes<F>>
 static inline void chunk_affine(const QLinearProblem& p, const uint8_t* row, int64_t n, int64_t c,
                                 int64_t g, float a[2], float b[2]) {
   if constexpr (F == QFormat::Q4_0) {
-    const float d = fp16_to_float(load_u16(row + c * 18));
+    const float d = half_to_f32(load_u16(row + c * 18));
     a[0] = a[1] = d;
     b[0] = b[1] = -8.f * d;
   } else if constexpr (F == QFormat::Q4_1) {
     const uint8_t* blk = row + c * 20;
-    a[0] = a[1] = fp16_to_float(load_u16(blk));
-    b[0] = b[1] = fp16_to_float(load_u16(blk + 2));
+    a[0] = a[1] = half_to_f32(load_u16(blk));
+    b[0] = b[1] = half_to_f32(load_u16(blk + 2));
   } else if constexpr (F == QFormat::Q8_0) {
-    a[0] = a[1] = fp16_to_float(load_u16(row + c * 34));
+    a[0] = a[1] = half_to_f32(load_u16(row + c * 34));
     b[0] = b[1] = 0.f;
   } else if constexpr (F == QFormat::Q4_K) {
     const uint8_t* blk = row + (c >> 3) * 144;
     int sc, mn;
     q4k_scale_min(blk + 4, static_cast<int>(c & 7), &sc, &mn);
-    a[0] = a[1] = fp16_to_float(load_u16(blk)) * sc;
-    b[0] = b[1] = -fp16_to_float(load_u16(blk + 2)) * mn;
+    a[0] = a[1] = half_to_f32(load_u16(blk)) * sc;
+    b[0] = b[1] = -half_to_f32(load_u16(blk + 2)) * mn;
   } else if constexpr (F == QFormat::Q6_K) {
     const uint8_t* blk = row + (c >> 3) * 210;
-    const float d = fp16_to_float(load_u16(blk + 208));
+    const float d = half_to_f32(load_u16(blk + 208));
     const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
     const int k = static_cast<int>(c & 7);           // chunk within the 256-value block
     const int base = (k >> 2) * 8 + (k & 3) * 2;      // scale index of its first half
