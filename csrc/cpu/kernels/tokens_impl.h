@@ -1,0 +1,264 @@
+// Token merging kernel bodies, included once per ISA TU (tokens_generic.cpp, tokens_avx2.cpp)
+// with FASTADAPT_TOKENS_SUFFIX set: the loops are written for the vectoriser (omp simd), so each
+// TU's own flags pick the vector width. Internal linkage for everything but the suffixed entry
+// points (see qdecode_scalar.h for why: two TUs, one body, different flags).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#ifndef FASTADAPT_TOKENS_SUFFIX
+#error "define FASTADAPT_TOKENS_SUFFIX before including tokens_impl.h"
+#endif
+
+namespace fastadapt::cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 0 (softmax arguments), vectorisable: 2^n * p(r) with r = x - n ln2, |r| <= ln2/2,
+// a degree-6 polynomial (rel. error ~2e-7). Arguments below -87 flush to 0.
+inline float exp_nonpos(float x) {
+  const float xc = x < -87.f ? -87.f : x;
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.f ? 0.f : p * scale;
+}
+
+inline void inv_norms_impl(const float* x, int64_t C, int64_t r0, int64_t r1, float* inv) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * C;
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t c = 0; c < C; ++c) ss += xr[c] * xr[c];
+    inv[r] = 1.f / std::max(std::sqrt(ss), 1e-12f);
+  }
+}
+
+// Running row max of cos(A_i, B_j) over the B tokens, four A rows per pass (each B row is loaded
+// once per four dot products); B rows are walked in order, so the first maximum wins ties.
+template <int T>
+inline void match_tile(const float* metric, const float* inv, const uint8_t* prot, int64_t N, int64_t C,
+                       int64_t i, float* best, int32_t* best_idx) {
+  const float* a[T];
+  float ia[T], bv[T];
+  int32_t bj[T];
+  for (int t = 0; t < T; ++t) {
+    a[t] = metric + 2 * (i + t) * C;
+    ia[t] = inv[2 * (i + t)];
+    bv[t] = kNegInf;
+    bj[t] = -1;
+  }
+  for (int64_t j = 1; j < N; j += 2) {
+    if (prot && prot[j]) continue;
+    const float* b = metric + j * C;
+    float s[T];
+    if constexpr (T == 4) {
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t c = 0; c < C; ++c) {
+        const float bc = b[c];
+        s0 += a0[c] * bc;
+        s1 += a1[c] * bc;
+        s2 += a2[c] * bc;
+        s3 += a3[c] * bc;
+      }
+      s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
+    } else {
+      for (int t = 0; t < T; ++t) {
+        float acc = 0.f;
+        const float* at = a[t];
+#pragma omp simd reduction(+ : acc)
+        for (int64_t c = 0; c < C; ++c) acc += at[c] * b[c];
+        s[t] = acc;
+      }
+    }
+    const float ib = inv[j];
+    for (int t = 0; t < T; ++t) {
+      const float cs = s[t] * ia[t] * ib;
+      if (cs > bv[t]) {
+        bv[t] = cs;
+        bj[t] = static_cast<int32_t>(j);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    best[i + t] = bv[t];
+    best_idx[i + t] = bj[t];
+  }
+}
+
+inline void match_rows_impl(const float* metric, const float* inv, const uint8_t* prot, int64_t N,
+                            int64_t C, int64_t i0, int64_t i1, float* best, int32_t* best_idx) {
+  int64_t i = i0;
+  for (; i + 4 <= i1; i += 4) match_tile<4>(metric, inv, prot, N, C, i, best, best_idx);
+  for (; i < i1; ++i) match_tile<1>(metric, inv, prot, N, C, i, best, best_idx);
+}
+
+inline void merge_rows_impl(const float* x, const float* sizes, const int32_t* src_ptr,
+                            const int32_t* src_idx, int64_t C, int64_t m0, int64_t m1, float* out,
+                            float* out_sizes) {
+  for (int64_t m = m0; m < m1; ++m) {
+    float* o = out + m * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) o[c] = 0.f;
+    float total = 0.f;
+    for (int32_t p = src_ptr[m]; p < src_ptr[m + 1]; ++p) {
+      const int32_t n = src_idx[p];
+      const float s = sizes ? sizes[n] : 1.f;
+      total += s;
+      const float* xr = x + static_cast<int64_t>(n) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] += s * xr[c];
+    }
+    const float inv = total != 0.f ? 1.f / total : 0.f;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) o[c] *= inv;
+    out_sizes[m] = total;
+  }
+}
+
+constexpr int64_t kKeyBlock = 64;
+
+// T query rows against all keys, key blocks of kKeyBlock, online softmax (running max m, running
+// sum l, accumulator rescaled by exp(m_old - m_new) when the max grows).
+template <int T>
+inline void attn_tile(const float* q, const float* k, const float* v, const float* bias, int64_t Nk,
+                      int64_t D, float scale, int64_t r, float* out) {
+  float s[T][kKeyBlock];
+  float mx[T], l[T];
+  float acc[T][256];  // D <= 256 (checked by the glue)
+  const float* qr[T];
+  for (int t = 0; t < T; ++t) {
+    qr[t] = q + (r + t) * D;
+    mx[t] = kNegInf;
+    l[t] = 0.f;
+    for (int64_t d = 0; d < D; ++d) acc[t][d] = 0.f;
+  }
+  for (int64_t j0 = 0; j0 < Nk; j0 += kKeyBlock) {
+    const int64_t nb = std::min(kKeyBlock, Nk - j0);
+    // scores of the block
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      const float* kr = k + (j0 + jj) * D;
+      const float bj = bias ? bias[j0 + jj] : 0.f;
+      if constexpr (T == 4) {
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+        const float *q0 = qr[0], *q1 = qr[1], *q2 = qr[2], *q3 = qr[3];
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t d = 0; d < D; ++d) {
+          const float kd = kr[d];
+          s0 += q0[d] * kd;
+          s1 += q1[d] * kd;
+          s2 += q2[d] * kd;
+          s3 += q3[d] * kd;
+        }
+        s[0][jj] = s0 * scale + bj, s[1][jj] = s1 * scale + bj;
+        s[2][jj] = s2 * scale + bj, s[3][jj] = s3 * scale + bj;
+      } else {
+        for (int t = 0; t < T; ++t) {
+          float a = 0.f;
+          const float* qt = qr[t];
+#pragma omp simd reduction(+ : a)
+          for (int64_t d = 0; d < D; ++d) a += qt[d] * kr[d];
+          s[t][jj] = a * scale + bj;
+        }
+      }
+    }
+    // online softmax update per row; s becomes the block's probabilities (unnormalised)
+    bool any = false;
+    for (int t = 0; t < T; ++t) {
+      float bm = kNegInf;
+      for (int64_t jj = 0; jj < nb; ++jj) bm = std::max(bm, s[t][jj]);
+      const float m_new = std::max(mx[t], bm);
+      if (m_new == kNegInf) {  // every key so far masked: nothing to add
+        for (int64_t jj = 0; jj < nb; ++jj) s[t][jj] = 0.f;
+        continue;
+      }
+      any = true;
+      const float corr = mx[t] == kNegInf ? 0.f : exp_nonpos(mx[t] - m_new);
+      float* st = s[t];
+      float bsum = 0.f;
+#pragma omp simd reduction(+ : bsum)
+      for (int64_t jj = 0; jj < nb; ++jj) {
+        const float p = exp_nonpos(st[jj] - m_new);  // -inf - m_new -> 0
+        st[jj] = p;
+        bsum += p;
+      }
+      l[t] = l[t] * corr + bsum;
+      mx[t] = m_new;
+      if (corr != 1.f) {
+        float* at = acc[t];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) at[d] *= corr;
+      }
+    }
+    if (!any) continue;
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      const float* vr = v + (j0 + jj) * D;
+      for (int t = 0; t < T; ++t) {
+        const float p = s[t][jj];
+        if (p == 0.f) continue;
+        float* at = acc[t];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) at[d] += p * vr[d];
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    float* o = out + (r + t) * D;
+    const float inv = l[t] > 0.f ? 1.f / l[t] : 0.f;
+    const float* at = acc[t];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] = at[d] * inv;
+  }
+}
+
+inline void prop_attn_rows_impl(const float* q, const float* k, const float* v, const float* bias,
+                                int64_t Nk, int64_t D, float scale, int64_t q0, int64_t q1, float* out) {
+  int64_t r = q0;
+  for (; r + 4 <= q1; r += 4) attn_tile<4>(q, k, v, bias, Nk, D, scale, r, out);
+  for (; r < q1; ++r) attn_tile<1>(q, k, v, bias, Nk, D, scale, r, out);
+}
+
+}  // namespace
+
+#define FASTADAPT_TOKENS_CAT2(a, b) a##_##b
+#define FASTADAPT_TOKENS_CAT(a, b) FASTADAPT_TOKENS_CAT2(a, b)
+#define FASTADAPT_TOKENS_FN(name) FASTADAPT_TOKENS_CAT(name, FASTADAPT_TOKENS_SUFFIX)
+
+void FASTADAPT_TOKENS_FN(tokens_inv_norms)(const float* x, int64_t C, int64_t r0, int64_t r1, float* inv) {
+  inv_norms_impl(x, C, r0, r1, inv);
+}
+
+void FASTADAPT_TOKENS_FN(tokens_match_rows)(const float* metric, const float* inv, const uint8_t* prot,
+                                            int64_t N, int64_t C, int64_t i0, int64_t i1, float* best,
+                                            int32_t* best_idx) {
+  match_rows_impl(metric, inv, prot, N, C, i0, i1, best, best_idx);
+}
+
+void FASTADAPT_TOKENS_FN(tokens_merge_rows)(const float* x, const float* sizes, const int32_t* src_ptr,
+                                            const int32_t* src_idx, int64_t C, int64_t m0, int64_t m1,
+                                            float* out, float* out_sizes) {
+  merge_rows_impl(x, sizes, src_ptr, src_idx, C, m0, m1, out, out_sizes);
+}
+
+void FASTADAPT_TOKENS_FN(tokens_prop_attn_rows)(const float* q, const float* k, const float* v,
+                                                const float* bias, int64_t Nk, int64_t D, float scale,
+                                                int64_t q0, int64_t q1, float* out) {
+  prop_attn_rows_impl(q, k, v, bias, Nk, D, scale, q0, q1, out);
+}
+
+}  // namespace fastadapt::cpu
