@@ -259,7 +259,7 @@ __global__ void prop_attn_kernel(const T* __restrict__ q, const T* __restrict__ 
   for (int t = 0; t < kMaxPer; ++t) acc[t] = 0.f;
   float m = -INFINITY, l = 0.f;
   for (int64_t j0 = 0; j0 < Nk; j0 += kKeyTile) {
-    const int nb = static_cast<int>(min<int64_t>(kKeyTile, Nk - j0));
+    const int nb = Nk - j0 < kKeyTile ? static_cast<int>(Nk - j0) : kKeyTile;
     __syncthreads();  // previous tile consumed (and qs written, first time)
     for (int e = threadIdx.x; e < kKeyTile * D; e += blockDim.x) {
       const int jj = e / D, d = e % D;
