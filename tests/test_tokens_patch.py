@@ -161,3 +161,31 @@ def test_minilm_r0_exact_and_merging_close(minilm):
     finally:
         tk.unpatch(model)
     assert torch.equal(tk.encode(model, tok, SENTENCES), base)
+
+
+# ---- the bench family, smoke ----------------------------------------------------------------------
+def test_bench_tokens_smoke(tmp_path, minilm):
+    """``fastadapt bench tokens`` end to end on a tiny case: both tables written (never a speed
+    assertion), the plot skipped with a message when matplotlib is absent."""
+    import json
+
+    from fastadapt_ops.bench import main, tokens as bt
+
+    assert len(bt.stdlib_sentences(300)) >= 200  # a few hundred real sentences are available
+    assert main(["tokens", "--sentences", "16", "--configs", "c1,f0.1", "--n", "64", "--min-time", "0.001",
+                 "--threads", "1", "--out", str(tmp_path)]) == 0
+    emb = json.loads(next(tmp_path.glob("*/tokens-embeddings.json")).read_text())
+    ops = json.loads(next(tmp_path.glob("*/tokens-ops.json")).read_text())
+    assert [r["config"] for r in emb["rows"]] == ["unmerged", "c1", "f0.1"]
+    for r in emb["rows"]:
+        assert r["sent_per_s"] > 0 and 0.5 < r["mean_cos"] <= 1.0 + 1e-6 and r["tokens_out"] <= r["tokens_in"]
+    assert "note" in emb["meta"] and "Target" in emb["meta"]["note"]
+    names = {r["op"] for r in ops["rows"]}
+    assert {"matching + merging", "proportional_attention", "prune_tokens (keep N/2)"} <= names
+    assert all(r["median_us"] > 0 for r in ops["rows"])
+    try:
+        import matplotlib  # noqa: F401
+
+        assert list(tmp_path.glob("*/tokens-embeddings.png"))
+    except ImportError:
+        assert not list(tmp_path.glob("*/tokens-embeddings.png"))

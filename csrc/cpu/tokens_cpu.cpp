@@ -242,7 +242,11 @@ at::Tensor proportional_attention_cpu(const at::Tensor& q, const at::Tensor& k, 
   if (out.numel() == 0) return out;
   const bool f32 = q.scalar_type() == at::kFloat;
   const at::Tensor q32 = q.to(at::kFloat).contiguous();
-  const at::Tensor k32 = k.to(at::kFloat).contiguous();
+  // K transposed per head, keys zero-padded to a multiple of 8: [B, H, D, ldk] (the size of K,
+  // not of the attention matrix), so the score micro-kernel needs no horizontal sums
+  const int64_t ldk = (Nk + 7) / 8 * 8;
+  at::Tensor kT = at::zeros({B, H, D, ldk}, q.options().dtype(at::kFloat));
+  kT.narrow(3, 0, Nk).copy_(k.transpose(2, 3));
   const at::Tensor v32 = v.to(at::kFloat).contiguous();
   // bias = log(size): 0 -> -inf (masked key)
   if (sizes.has_value()) {
@@ -254,7 +258,7 @@ at::Tensor proportional_attention_cpu(const at::Tensor& q, const at::Tensor& k, 
   const float sc = scale.has_value() ? static_cast<float>(*scale) : 1.f / std::sqrt(static_cast<float>(D));
   auto fn = use_avx2() ? tokens_prop_attn_rows_avx2 : tokens_prop_attn_rows_generic;
   const float* qp = q32.data_ptr<float>();
-  const float* kp = k32.data_ptr<float>();
+  const float* kp = kT.data_ptr<float>();
   const float* vp = v32.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* op = out32.data_ptr<float>();
@@ -263,8 +267,8 @@ at::Tensor proportional_attention_cpu(const at::Tensor& q, const at::Tensor& k, 
   at::parallel_for(0, B * H * tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / tiles, b = bh / H, r0 = (t % tiles) * kRows, r1 = std::min(Nq, r0 + kRows);
-      fn(qp + bh * Nq * D, kp + bh * Nk * D, vp + bh * Nk * D, bp ? bp + b * Nk : nullptr, Nk, D, sc, r0, r1,
-         op + bh * Nq * D);
+      fn(qp + bh * Nq * D, kp + bh * D * ldk, ldk, vp + bh * Nk * D, bp ? bp + b * Nk : nullptr, Nk, D, sc, r0,
+         r1, op + bh * Nq * D);
     }
   });
   if (!f32) out.copy_(out32);

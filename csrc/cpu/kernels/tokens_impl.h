@@ -4,6 +4,7 @@
 // points (see qdecode_scalar.h for why: two TUs, one body, different flags).
 #pragma once
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,8 +22,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // exp(x) for x <= 0 (softmax arguments), vectorisable: 2^n * p(r) with r = x - n ln2, |r| <= ln2/2,
 // a degree-6 polynomial (rel. error ~2e-7). Arguments below -87 flush to 0.
 inline float exp_nonpos(float x) {
-  const float xc = x < -87.f ? -87.f : x;
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float xc = std::max(x, -87.f);
+  // round to nearest for y <= 0 by truncation of y - 0.5 (no floor call: vectorises everywhere)
+  const int32_t ni = static_cast<int32_t>(xc * 1.44269504088896341f - 0.5f);
+  const float n = static_cast<float>(ni);
   const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;
   float p = 1.f / 720.f;
   p = p * r + 1.f / 120.f;
@@ -31,10 +34,8 @@ inline float exp_nonpos(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.f ? 0.f : p * scale;
+  const float scale = std::bit_cast<float>((ni + 127) << 23);
+  return p * scale * static_cast<float>(x >= -87.f);  // branch-free: the loop vectorises
 }
 
 inline void inv_norms_impl(const float* x, int64_t C, int64_t r0, int64_t r1, float* inv) {
@@ -131,16 +132,19 @@ inline void merge_rows_impl(const float* x, const float* sizes, const int32_t* s
   }
 }
 
-constexpr int64_t kKeyBlock = 64;
+constexpr int64_t kKeyBlock = 64;  // keys per online-softmax step (a multiple of 8)
 
 // T query rows against all keys, key blocks of kKeyBlock, online softmax (running max m, running
-// sum l, accumulator rescaled by exp(m_old - m_new) when the max grows).
+// sum l, accumulator rescaled by exp(m_old - m_new) when the max grows). Both products are
+// register-blocked 8-wide micro-kernels with no horizontal sums:
+//   scores: s[t][j..j+8] += q[t][d] * kT[d][j..j+8] over d (K transposed, keys padded to 8)
+//   values: acc[t][d..d+8] += p[t][j] * v[j][d..d+8] over the block's keys
 template <int T>
-inline void attn_tile(const float* q, const float* k, const float* v, const float* bias, int64_t Nk,
-                      int64_t D, float scale, int64_t r, float* out) {
-  float s[T][kKeyBlock];
+inline void attn_tile(const float* q, const float* kT, int64_t ldk, const float* v, const float* bias,
+                      int64_t Nk, int64_t D, float scale, int64_t r, float* out) {
+  alignas(32) float s[T][kKeyBlock];
+  alignas(32) float acc[T][256];  // D <= 256 (checked by the glue)
   float mx[T], l[T];
-  float acc[T][256];  // D <= 256 (checked by the glue)
   const float* qr[T];
   for (int t = 0; t < T; ++t) {
     qr[t] = q + (r + t) * D;
@@ -148,51 +152,45 @@ inline void attn_tile(const float* q, const float* k, const float* v, const floa
     l[t] = 0.f;
     for (int64_t d = 0; d < D; ++d) acc[t][d] = 0.f;
   }
+  const int64_t D8 = D & ~int64_t(7);
   for (int64_t j0 = 0; j0 < Nk; j0 += kKeyBlock) {
     const int64_t nb = std::min(kKeyBlock, Nk - j0);
-    // scores of the block
-    for (int64_t jj = 0; jj < nb; ++jj) {
-      const float* kr = k + (j0 + jj) * D;
-      const float bj = bias ? bias[j0 + jj] : 0.f;
-      if constexpr (T == 4) {
-        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-        const float *q0 = qr[0], *q1 = qr[1], *q2 = qr[2], *q3 = qr[3];
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-        for (int64_t d = 0; d < D; ++d) {
-          const float kd = kr[d];
-          s0 += q0[d] * kd;
-          s1 += q1[d] * kd;
-          s2 += q2[d] * kd;
-          s3 += q3[d] * kd;
-        }
-        s[0][jj] = s0 * scale + bj, s[1][jj] = s1 * scale + bj;
-        s[2][jj] = s2 * scale + bj, s[3][jj] = s3 * scale + bj;
-      } else {
+    const int64_t nb8 = (nb + 7) & ~int64_t(7);  // kT is zero-padded to a multiple of 8 keys
+    for (int64_t jc = 0; jc < nb8; jc += 8) {
+      float a[T][8];
+      for (int t = 0; t < T; ++t)
+        for (int u = 0; u < 8; ++u) a[t][u] = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float* kd = kT + d * ldk + j0 + jc;
         for (int t = 0; t < T; ++t) {
-          float a = 0.f;
-          const float* qt = qr[t];
-#pragma omp simd reduction(+ : a)
-          for (int64_t d = 0; d < D; ++d) a += qt[d] * kr[d];
-          s[t][jj] = a * scale + bj;
+          const float qv = qr[t][d];
+#pragma omp simd
+          for (int u = 0; u < 8; ++u) a[t][u] += qv * kd[u];
         }
       }
+      for (int t = 0; t < T; ++t)
+        for (int u = 0; u < 8; ++u) {
+          const int64_t j = jc + u;
+          s[t][j] = j < nb ? a[t][u] * scale + (bias ? bias[j0 + j] : 0.f) : kNegInf;
+        }
     }
     // online softmax update per row; s becomes the block's probabilities (unnormalised)
     bool any = false;
     for (int t = 0; t < T; ++t) {
+      float* st = s[t];
       float bm = kNegInf;
-      for (int64_t jj = 0; jj < nb; ++jj) bm = std::max(bm, s[t][jj]);
+#pragma omp simd reduction(max : bm)
+      for (int64_t jj = 0; jj < nb8; ++jj) bm = std::max(bm, st[jj]);
       const float m_new = std::max(mx[t], bm);
       if (m_new == kNegInf) {  // every key so far masked: nothing to add
-        for (int64_t jj = 0; jj < nb; ++jj) s[t][jj] = 0.f;
+        for (int64_t jj = 0; jj < nb8; ++jj) st[jj] = 0.f;
         continue;
       }
       any = true;
       const float corr = mx[t] == kNegInf ? 0.f : exp_nonpos(mx[t] - m_new);
-      float* st = s[t];
       float bsum = 0.f;
 #pragma omp simd reduction(+ : bsum)
-      for (int64_t jj = 0; jj < nb; ++jj) {
+      for (int64_t jj = 0; jj < nb8; ++jj) {
         const float p = exp_nonpos(st[jj] - m_new);  // -inf - m_new -> 0
         st[jj] = p;
         bsum += p;
@@ -206,16 +204,25 @@ inline void attn_tile(const float* q, const float* k, const float* v, const floa
       }
     }
     if (!any) continue;
-    for (int64_t jj = 0; jj < nb; ++jj) {
-      const float* vr = v + (j0 + jj) * D;
-      for (int t = 0; t < T; ++t) {
-        const float p = s[t][jj];
-        if (p == 0.f) continue;
-        float* at = acc[t];
+    const float* vb = v + j0 * D;
+    for (int64_t dc = 0; dc < D8; dc += 8) {
+      float a[T][8];
+      for (int t = 0; t < T; ++t)
+        for (int u = 0; u < 8; ++u) a[t][u] = acc[t][dc + u];
+      for (int64_t jj = 0; jj < nb; ++jj) {
+        const float* vr = vb + jj * D + dc;
+        for (int t = 0; t < T; ++t) {
+          const float p = s[t][jj];
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) at[d] += p * vr[d];
+          for (int u = 0; u < 8; ++u) a[t][u] += p * vr[u];
+        }
       }
+      for (int t = 0; t < T; ++t)
+        for (int u = 0; u < 8; ++u) acc[t][dc + u] = a[t][u];
     }
+    for (int64_t d = D8; d < D; ++d)  // head dims beyond the last multiple of 8
+      for (int64_t jj = 0; jj < nb; ++jj)
+        for (int t = 0; t < T; ++t) acc[t][d] += s[t][jj] * vb[jj * D + d];
   }
   for (int t = 0; t < T; ++t) {
     float* o = out + (r + t) * D;
@@ -226,11 +233,11 @@ inline void attn_tile(const float* q, const float* k, const float* v, const floa
   }
 }
 
-inline void prop_attn_rows_impl(const float* q, const float* k, const float* v, const float* bias,
+inline void prop_attn_rows_impl(const float* q, const float* kT, int64_t ldk, const float* v, const float* bias,
                                 int64_t Nk, int64_t D, float scale, int64_t q0, int64_t q1, float* out) {
   int64_t r = q0;
-  for (; r + 4 <= q1; r += 4) attn_tile<4>(q, k, v, bias, Nk, D, scale, r, out);
-  for (; r < q1; ++r) attn_tile<1>(q, k, v, bias, Nk, D, scale, r, out);
+  for (; r + 4 <= q1; r += 4) attn_tile<4>(q, kT, ldk, v, bias, Nk, D, scale, r, out);
+  for (; r < q1; ++r) attn_tile<1>(q, kT, ldk, v, bias, Nk, D, scale, r, out);
 }
 
 }  // namespace
@@ -255,10 +262,10 @@ void FASTADAPT_TOKENS_FN(tokens_merge_rows)(const float* x, const float* sizes, 
   merge_rows_impl(x, sizes, src_ptr, src_idx, C, m0, m1, out, out_sizes);
 }
 
-void FASTADAPT_TOKENS_FN(tokens_prop_attn_rows)(const float* q, const float* k, const float* v,
+void FASTADAPT_TOKENS_FN(tokens_prop_attn_rows)(const float* q, const float* kT, int64_t ldk, const float* v,
                                                 const float* bias, int64_t Nk, int64_t D, float scale,
                                                 int64_t q0, int64_t q1, float* out) {
-  prop_attn_rows_impl(q, k, v, bias, Nk, D, scale, q0, q1, out);
+  prop_attn_rows_impl(q, kT, ldk, v, bias, Nk, D, scale, q0, q1, out);
 }
 
 }  // namespace fastadapt::cpu

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-FAMILIES = ("qlinear", "rms_norm", "e2e")
+FAMILIES = ("qlinear", "rms_norm", "e2e", "tokens")
 
 __all__ = ["FAMILIES", "main"]
 
