@@ -242,9 +242,9 @@ at::Tensor proportional_attention_cpu(const at::Tensor& q, const at::Tensor& k, 
   if (out.numel() == 0) return out;
   const bool f32 = q.scalar_type() == at::kFloat;
   const at::Tensor q32 = q.to(at::kFloat).contiguous();
-  // K transposed per head, keys zero-padded to a multiple of 8: [B, H, D, ldk] (the size of K,
+  // K transposed per head, keys zero-padded to a multiple of 16: [B, H, D, ldk] (the size of K,
   // not of the attention matrix), so the score micro-kernel needs no horizontal sums
-  const int64_t ldk = (Nk + 7) / 8 * 8;
+  const int64_t ldk = (Nk + 15) / 16 * 16;
   at::Tensor kT = at::zeros({B, H, D, ldk}, q.options().dtype(at::kFloat));
   kT.narrow(3, 0, Nk).copy_(k.transpose(2, 3));
   const at::Tensor v32 = v.to(at::kFloat).contiguous();

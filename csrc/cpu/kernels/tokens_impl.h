@@ -132,22 +132,24 @@ inline void merge_rows_impl(const float* x, const float* sizes, const int32_t* s
   }
 }
 
-constexpr int64_t kKeyBlock = 64;  // keys per online-softmax step (a multiple of 8)
+constexpr int64_t kKeyBlock = 64;  // keys per online-softmax step (a multiple of 16)
 
 // T query rows against all keys, key blocks of kKeyBlock, online softmax (running max m, running
 // sum l, accumulator rescaled by exp(m_old - m_new) when the max grows). Both products are
-// register-blocked 8-wide micro-kernels with no horizontal sums:
-//   scores: s[t][j..j+8] += q[t][d] * kT[d][j..j+8] over d (K transposed, keys padded to 8)
-//   values: acc[t][d..d+8] += p[t][j] * v[j][d..d+8] over the block's keys
+// register-blocked 16-wide micro-kernels with no horizontal sums:
+//   scores: s[t][j..j+16] += q[t][d] * kT[d][j..j+16] over d (K transposed, keys padded to 16)
+//   values: acc[t][d..d+16] += p[t][j] * v[j][d..d+16] over the block's keys (then 8, then 1)
 template <int T>
 inline void attn_tile(const float* q, const float* kT, int64_t ldk, const float* v, const float* bias,
                       int64_t Nk, int64_t D, float scale, int64_t r, float* out) {
   alignas(32) float s[T][kKeyBlock];
   alignas(32) float acc[T][256];  // D <= 256 (checked by the glue)
+  alignas(32) float qs[T][256];   // q rows pre-multiplied by scale
+  alignas(32) float bb[kKeyBlock];  // the block's key bias: log size, -inf past the last key
   float mx[T], l[T];
-  const float* qr[T];
   for (int t = 0; t < T; ++t) {
-    qr[t] = q + (r + t) * D;
+    const float* qr = q + (r + t) * D;
+    for (int64_t d = 0; d < D; ++d) qs[t][d] = qr[d] * scale;
     mx[t] = kNegInf;
     l[t] = 0.f;
     for (int64_t d = 0; d < D; ++d) acc[t][d] = 0.f;
@@ -155,24 +157,22 @@ inline void attn_tile(const float* q, const float* kT, int64_t ldk, const float*
   const int64_t D8 = D & ~int64_t(7);
   for (int64_t j0 = 0; j0 < Nk; j0 += kKeyBlock) {
     const int64_t nb = std::min(kKeyBlock, Nk - j0);
-    const int64_t nb8 = (nb + 7) & ~int64_t(7);  // kT is zero-padded to a multiple of 8 keys
-    for (int64_t jc = 0; jc < nb8; jc += 8) {
-      float a[T][8];
+    const int64_t nb8 = (nb + 15) & ~int64_t(15);  // kT is zero-padded to a multiple of 16 keys
+    for (int64_t jj = 0; jj < nb8; ++jj) bb[jj] = jj < nb ? (bias ? bias[j0 + jj] : 0.f) : kNegInf;
+    for (int64_t jc = 0; jc < nb8; jc += 16) {  // 16 keys x T rows: 2T independent FMA chains
+      float a[T][16];
       for (int t = 0; t < T; ++t)
-        for (int u = 0; u < 8; ++u) a[t][u] = 0.f;
+        for (int u = 0; u < 16; ++u) a[t][u] = bb[jc + u];
       for (int64_t d = 0; d < D; ++d) {
         const float* kd = kT + d * ldk + j0 + jc;
         for (int t = 0; t < T; ++t) {
-          const float qv = qr[t][d];
+          const float qv = qs[t][d];
 #pragma omp simd
-          for (int u = 0; u < 8; ++u) a[t][u] += qv * kd[u];
+          for (int u = 0; u < 16; ++u) a[t][u] += qv * kd[u];
         }
       }
       for (int t = 0; t < T; ++t)
-        for (int u = 0; u < 8; ++u) {
-          const int64_t j = jc + u;
-          s[t][j] = j < nb ? a[t][u] * scale + (bias ? bias[j0 + j] : 0.f) : kNegInf;
-        }
+        for (int u = 0; u < 16; ++u) s[t][jc + u] = a[t][u];
     }
     // online softmax update per row; s becomes the block's probabilities (unnormalised)
     bool any = false;
@@ -205,7 +205,23 @@ inline void attn_tile(const float* q, const float* kT, int64_t ldk, const float*
     }
     if (!any) continue;
     const float* vb = v + j0 * D;
-    for (int64_t dc = 0; dc < D8; dc += 8) {
+    int64_t dc = 0;
+    for (; dc + 16 <= D; dc += 16) {  // 16 dims x T rows: 2T independent FMA chains
+      float a[T][16];
+      for (int t = 0; t < T; ++t)
+        for (int u = 0; u < 16; ++u) a[t][u] = acc[t][dc + u];
+      for (int64_t jj = 0; jj < nb; ++jj) {
+        const float* vr = vb + jj * D + dc;
+        for (int t = 0; t < T; ++t) {
+          const float p = s[t][jj];
+#pragma omp simd
+          for (int u = 0; u < 16; ++u) a[t][u] += p * vr[u];
+        }
+      }
+      for (int t = 0; t < T; ++t)
+        for (int u = 0; u < 16; ++u) acc[t][dc + u] = a[t][u];
+    }
+    for (; dc < D8; dc += 8) {
       float a[T][8];
       for (int t = 0; t < T; ++t)
         for (int u = 0; u < 8; ++u) a[t][u] = acc[t][dc + u];

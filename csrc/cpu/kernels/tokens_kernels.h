@@ -23,7 +23,7 @@ namespace fastadapt::cpu {
                                   const int32_t* src_idx, int64_t C, int64_t m0, int64_t m1,      \
                                   float* out, float* out_sizes);                                   \
   /* Flash-style attention of one (batch, head). q [Nq, D], kT [D, ldk] (K transposed, keys   */ \
-  /* zero-padded to ldk >= round_up(Nk, 8)), v [Nk, D], bias [Nk] (log sizes, -inf = masked    */ \
+  /* zero-padded to ldk >= round_up(Nk, 16)), v [Nk, D], bias [Nk] (log sizes, -inf = masked    */ \
   /* key) or null. Rows [q0, q1) of out [Nq, D] = softmax(q k^T scale + bias) v, online        */ \
   /* softmax over key blocks (no Nq x Nk matrix); all-masked rows give 0.                      */ \
   void tokens_prop_attn_rows_##SUFFIX(const float* q, const float* kT, int64_t ldk, const float* v, \
