@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -48,14 +49,30 @@ at::Tensor bipartite_soft_matching_cpu(const at::Tensor& metric, int64_t r,
     at::parallel_for(0, B * N, std::max<int64_t>(1, 16384 / C), [&](int64_t b0, int64_t b1) {
       inv_fn(mp, C, b0, b1, ip);
     });
-    // (batch, 16 A rows) tasks: the B half of one batch item stays in cache across a task
+    // the B half (odd tokens) transposed and zero-padded to 16 keys: [B, C, ldb], with per-key
+    // inverse norms (0: protected / padding) and additive masks (-inf: protected / padding)
+    const int64_t Nb = N / 2, ldb = (Nb + 15) / 16 * 16;
+    at::Tensor bT = at::zeros({B, C, ldb}, m32.options());
+    at::Tensor wb = at::zeros({B, ldb}, m32.options());
+    at::Tensor addb = at::full({B, ldb}, -std::numeric_limits<float>::infinity(), m32.options());
+    if (Nb > 0) {
+      bT.narrow(2, 0, Nb).copy_(m32.slice(1, 1, N, 2).transpose(1, 2));
+      at::Tensor odd_inv = inv.slice(1, 1, N, 2);
+      at::Tensor allowed = p8.defined() ? p8.slice(1, 1, N, 2).eq(0) : at::ones_like(odd_inv, at::kBool);
+      wb.narrow(1, 0, Nb).copy_(odd_inv * allowed);
+      addb.narrow(1, 0, Nb).masked_fill_(allowed, 0.f);
+    }
+    const float* bTp = bT.data_ptr<float>();
+    const float* wbp = wb.data_ptr<float>();
+    const float* abp = addb.data_ptr<float>();
+    // (batch, 16 A rows) tasks
     constexpr int64_t kRows = 16;
     const int64_t tiles = (Na + kRows - 1) / kRows;
     at::parallel_for(0, B * tiles, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / tiles, i0 = (t % tiles) * kRows, i1 = std::min(Na, i0 + kRows);
-        match_fn(mp + b * N * C, ip + b * N, pp ? pp + b * N : nullptr, N, C, i0, i1, bp + b * Na,
-                 bip + b * Na);
+        match_fn(mp + b * N * C, ip + b * N, C, bTp + b * C * ldb, ldb, wbp + b * ldb, abp + b * ldb, i0, i1,
+                 bp + b * Na, bip + b * Na);
       }
     });
   }

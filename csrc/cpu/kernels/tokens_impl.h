@@ -48,65 +48,67 @@ inline void inv_norms_impl(const float* x, int64_t C, int64_t r0, int64_t r1, fl
   }
 }
 
-// Running row max of cos(A_i, B_j) over the B tokens, four A rows per pass (each B row is loaded
-// once per four dot products); B rows are walked in order, so the first maximum wins ties.
+// Running row max of cos(A_i, B_j) over the B tokens for T A rows at a time, in chunks of 16
+// B tokens: dots from a register-blocked micro-kernel over the transposed B half (no horizontal
+// sums), then a per-lane running max/argmax (strict >: each lane keeps its earliest maximum),
+// combined at the end with ties to the smallest j, i.e. the first maximum in token order.
 template <int T>
-inline void match_tile(const float* metric, const float* inv, const uint8_t* prot, int64_t N, int64_t C,
-                       int64_t i, float* best, int32_t* best_idx) {
+inline void match_tile(const float* metric, const float* inv, int64_t C, const float* bT, int64_t ldb,
+                       const float* wb, const float* addb, int64_t i, float* best, int32_t* best_idx) {
   const float* a[T];
-  float ia[T], bv[T];
-  int32_t bj[T];
+  float ia[T];
+  alignas(32) float bv[T][16];
+  alignas(32) int32_t bj[T][16];
   for (int t = 0; t < T; ++t) {
     a[t] = metric + 2 * (i + t) * C;
     ia[t] = inv[2 * (i + t)];
-    bv[t] = kNegInf;
-    bj[t] = -1;
+    for (int u = 0; u < 16; ++u) {
+      bv[t][u] = kNegInf;
+      bj[t][u] = -1;
+    }
   }
-  for (int64_t j = 1; j < N; j += 2) {
-    if (prot && prot[j]) continue;
-    const float* b = metric + j * C;
-    float s[T];
-    if constexpr (T == 4) {
-      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-      const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t c = 0; c < C; ++c) {
-        const float bc = b[c];
-        s0 += a0[c] * bc;
-        s1 += a1[c] * bc;
-        s2 += a2[c] * bc;
-        s3 += a3[c] * bc;
-      }
-      s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
-    } else {
+  for (int64_t jc = 0; jc < ldb; jc += 16) {
+    float acc[T][16];
+    for (int t = 0; t < T; ++t)
+      for (int u = 0; u < 16; ++u) acc[t][u] = 0.f;
+    for (int64_t c = 0; c < C; ++c) {
+      const float* bc = bT + c * ldb + jc;
       for (int t = 0; t < T; ++t) {
-        float acc = 0.f;
-        const float* at = a[t];
-#pragma omp simd reduction(+ : acc)
-        for (int64_t c = 0; c < C; ++c) acc += at[c] * b[c];
-        s[t] = acc;
+        const float av = a[t][c];
+#pragma omp simd
+        for (int u = 0; u < 16; ++u) acc[t][u] += av * bc[u];
       }
     }
-    const float ib = inv[j];
     for (int t = 0; t < T; ++t) {
-      const float cs = s[t] * ia[t] * ib;
-      if (cs > bv[t]) {
-        bv[t] = cs;
-        bj[t] = static_cast<int32_t>(j);
+#pragma omp simd
+      for (int u = 0; u < 16; ++u) {
+        const float cs = acc[t][u] * ia[t] * wb[jc + u] + addb[jc + u];
+        const bool better = cs > bv[t][u];
+        bv[t][u] = better ? cs : bv[t][u];
+        bj[t][u] = better ? static_cast<int32_t>(jc + u) : bj[t][u];
       }
     }
   }
   for (int t = 0; t < T; ++t) {
-    best[i + t] = bv[t];
-    best_idx[i + t] = bj[t];
+    float v = kNegInf;
+    int32_t j = -1;
+    for (int u = 0; u < 16; ++u) {
+      if (bj[t][u] >= 0 && (bv[t][u] > v || (bv[t][u] == v && (j < 0 || bj[t][u] < j)))) {
+        v = bv[t][u];
+        j = bj[t][u];
+      }
+    }
+    best[i + t] = v;
+    best_idx[i + t] = j < 0 ? -1 : 2 * j + 1;
   }
 }
 
-inline void match_rows_impl(const float* metric, const float* inv, const uint8_t* prot, int64_t N,
-                            int64_t C, int64_t i0, int64_t i1, float* best, int32_t* best_idx) {
+inline void match_rows_impl(const float* metric, const float* inv, int64_t C, const float* bT, int64_t ldb,
+                            const float* wb, const float* addb, int64_t i0, int64_t i1, float* best,
+                            int32_t* best_idx) {
   int64_t i = i0;
-  for (; i + 4 <= i1; i += 4) match_tile<4>(metric, inv, prot, N, C, i, best, best_idx);
-  for (; i < i1; ++i) match_tile<1>(metric, inv, prot, N, C, i, best, best_idx);
+  for (; i + 4 <= i1; i += 4) match_tile<4>(metric, inv, C, bT, ldb, wb, addb, i, best, best_idx);
+  for (; i < i1; ++i) match_tile<1>(metric, inv, C, bT, ldb, wb, addb, i, best, best_idx);
 }
 
 inline void merge_rows_impl(const float* x, const float* sizes, const int32_t* src_ptr,
@@ -266,10 +268,10 @@ void FASTADAPT_TOKENS_FN(tokens_inv_norms)(const float* x, int64_t C, int64_t r0
   inv_norms_impl(x, C, r0, r1, inv);
 }
 
-void FASTADAPT_TOKENS_FN(tokens_match_rows)(const float* metric, const float* inv, const uint8_t* prot,
-                                            int64_t N, int64_t C, int64_t i0, int64_t i1, float* best,
-                                            int32_t* best_idx) {
-  match_rows_impl(metric, inv, prot, N, C, i0, i1, best, best_idx);
+void FASTADAPT_TOKENS_FN(tokens_match_rows)(const float* metric, const float* inv, int64_t C, const float* bT,
+                                            int64_t ldb, const float* wb, const float* addb, int64_t i0,
+                                            int64_t i1, float* best, int32_t* best_idx) {
+  match_rows_impl(metric, inv, C, bT, ldb, wb, addb, i0, i1, best, best_idx);
 }
 
 void FASTADAPT_TOKENS_FN(tokens_merge_rows)(const float* x, const float* sizes, const int32_t* src_ptr,
