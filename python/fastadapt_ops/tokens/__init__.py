@@ -44,7 +44,11 @@ def load_minilm(dtype: torch.dtype = torch.float32, device="cpu"):
     from transformers import AutoTokenizer, BertModel
 
     path = minilm_path()
-    model = BertModel.from_pretrained(path, dtype=dtype).to(device).eval()
+    try:
+        model = BertModel.from_pretrained(path, dtype=dtype)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        model = BertModel.from_pretrained(path, torch_dtype=dtype)
+    model = model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok
 
