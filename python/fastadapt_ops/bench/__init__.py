@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-FAMILIES = ("qlinear", "rms_norm", "rope_swiglu", "paged_attention", "kv_cache", "kv_quality", "e2e")
+FAMILIES = ("qlinear", "rms_norm", "rope_swiglu", "paged_attention", "kv_cache", "kv_quality", "e2e",
+            "tokens")
 
 __all__ = ["FAMILIES", "main"]
 

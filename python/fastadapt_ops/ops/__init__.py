@@ -9,3 +9,10 @@ from .paged_attention import (  # noqa: F401
 from .paged_kv import kv_append, kv_compact  # noqa: F401
 from .rope import rope  # noqa: F401
 from .silu_mul import silu_mul  # noqa: F401
+from .tokens import (  # noqa: F401
+    bipartite_soft_matching,
+    merge_tokens,
+    proportional_attention,
+    prune_tokens,
+    unmerge_tokens,
+)
