@@ -28,16 +28,22 @@ def force_reference(flag: bool = True) -> None:
     _FORCE_REFERENCE = bool(flag)
 
 
+_KERNELS: dict = {}  # name -> the op's default overload, once it is registered
+
+
 def _kernel(name: str):
     if _FORCE_REFERENCE:
         return None
+    op = _KERNELS.get(name)
+    if op is not None:
+        return op
     try:
         ns = torch.ops.fastadapt
         if hasattr(ns, name):
-            return getattr(ns, name)
+            op = _KERNELS[name] = getattr(ns, name).default
     except (AttributeError, RuntimeError):
         pass
-    return None
+    return op
 
 
 def implementation(name: str) -> str:

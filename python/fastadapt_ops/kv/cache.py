@@ -336,6 +336,15 @@ class PagedKVCache:
         self._note_peak()
         return slot_mapping
 
+    def append_decode(self, layer: int, seq_ids: Sequence[int], k: torch.Tensor,
+                      v: torch.Tensor) -> torch.Tensor:
+        """:meth:`append` of one token per sequence (``k``, ``v``: ``[B, H_kv, D]``) for decode
+        loops that already guarantee their arguments: ids and shapes are not re-checked (the
+        kernel still checks its tensors). Falls back to :meth:`append` when a row needs
+        copy-on-write or the pool is short."""
+        r = self._append_one(layer, seq_ids, [self._seqs[s] for s in seq_ids], k, v)
+        return r if r is not None else self.append(layer, seq_ids, k, v)
+
     def _append_one(self, layer: int, seq_ids, seqs: List[_Seq], k: torch.Tensor,
                     v: torch.Tensor) -> Optional[torch.Tensor]:
         """Decode fast path: one token per sequence, no shared partially filled page. Slots are
@@ -366,9 +375,10 @@ class PagedKVCache:
                 row.length += 1
             s.next_pos[layer] = p + 1
         slot_mapping = torch.tensor(slots, dtype=torch.int32).view(len(seqs), self.num_kv_heads)
-        sm = slot_mapping.to(self.device)
-        _ops.kv_append(k.to(self.device, self.dtype), v.to(self.device, self.dtype),
-                       self.k_pages[layer], self.v_pages[layer], sm)
+        sm = slot_mapping
+        if self.device.type != "cpu":
+            sm, k, v = sm.to(self.device), k.to(self.device), v.to(self.device)
+        _ops.kv_append(k, v, self.k_pages[layer], self.v_pages[layer], sm)  # converts the dtype
         if self.track_scores:
             self.scores[layer].view(-1)[sm.reshape(-1).long()] = 0.0
         key = (layer, tuple(seq_ids))
@@ -483,12 +493,16 @@ class PagedKVCache:
     def plan(self, layer: int, seq_ids: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """int32 CSR tables ``(page_indptr [B*H_kv+1], page_indices [nnz], kv_lens [B*H_kv])`` of
         ``layer`` for the batch, rows ``b * H_kv + h``; cached until the layer's tables change."""
+        try:  # a valid cached plan needs no checks: any change to its rows bumps the version
+            key = (layer, tuple(seq_ids))
+            hit = self._plans.get(key)
+            if hit is not None and hit[0] == self._version[layer]:
+                return hit[1]
+        except TypeError:
+            pass
         self._check_layer(layer)
         seqs = self._check_seq_ids(seq_ids)
         key = (layer, tuple(seq_ids))
-        hit = self._plans.get(key)
-        if hit is not None and hit[0] == self._version[layer]:
-            return hit[1]
         indptr, indices, lens = [0], [], []
         for s in seqs:
             for row in s.rows[layer]:

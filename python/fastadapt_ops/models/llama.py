@@ -328,6 +328,7 @@ class LlamaModel:
         if self._seq is None:
             self.reset()
         kv, seq = self.kv, [self._seq]
+        append = kv.append_decode if T == 1 else kv.append  # decode: no re-checks per layer
         scale = hd ** -0.5
         positions = torch.arange(p0, S)  # [T], rows of the RoPE table
 
@@ -341,7 +342,7 @@ class LlamaModel:
             k = qkv[:, nq:nq + nk].view(T, nkv, hd)  # the q/k rows were un-permuted at load)
             rope(q, k, positions, self._cos_sin)
             v = qkv[:, nq + nk:].view(T, nkv, hd)
-            kv.append(li, seq, k, v)  # [T, nkv, hd] into this layer's pages
+            append(li, seq, k, v)  # [T, nkv, hd] into this layer's pages
             o = self._attend(li, q, scale).reshape(T, nq)  # causal among the T new tokens
             h = rms_norm(self._mm(o, L.wo, L.bo), L.ffn_norm, eps, x)  # x += attn out; h = norm(x)
             gu = self._mm(h, L.wgu)  # [T, 2 ffn]

@@ -40,7 +40,7 @@ def paged_decode_attention(
     """Attention of the last ``T_q`` tokens of every row over its paged keys (fp32 accumulate,
     split-K over long rows). With ``score_acc`` the per-key attention mass is accumulated in the
     same call. D <= 256. Returns ``(out, lse)``; lse is natural-log fp32."""
-    return torch.ops.fastadapt.paged_decode_attention(q, k_pages, v_pages, page_indptr,
+    return torch.ops.fastadapt.paged_decode_attention.default(q, k_pages, v_pages, page_indptr,
                                                       page_indices, kv_lens, scale, score_acc)
 
 
@@ -56,7 +56,7 @@ def paged_prefix_attention(
     """Non-causal attention of all queries over a prefix shared by the batch, read once per
     batch (per tile of queries). Combine with each sequence's suffix by
     :func:`merge_attention_states`. Returns ``(out, lse)``; lse is natural-log fp32."""
-    return torch.ops.fastadapt.paged_prefix_attention(q, k_pages, v_pages, prefix_indptr,
+    return torch.ops.fastadapt.paged_prefix_attention.default(q, k_pages, v_pages, prefix_indptr,
                                                       prefix_indices, prefix_lens, scale)
 
 
@@ -68,7 +68,7 @@ def merge_attention_states(
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # out [..., H, D] (out_a's dtype), lse [..., H] fp32
     """Attention over the union of two disjoint key sets from the attention over each side;
     a side with lse ``-inf`` contributes nothing, both empty give 0 and ``-inf``."""
-    return torch.ops.fastadapt.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    return torch.ops.fastadapt.merge_attention_states.default(out_a, lse_a, out_b, lse_b)
 
 
 for _f, _ref in ((paged_decode_attention, paged_decode_attention_reference),

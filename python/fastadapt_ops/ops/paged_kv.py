@@ -22,7 +22,7 @@ def kv_append(
     """Write ``k[n, h]`` (converted to the pool's dtype) at slot ``slot_mapping[n, h]`` of
     ``k_pages`` (and ``v`` likewise); slot -1 writes nothing. Slot contents are validated on CPU
     (on CUDA with ``FASTADAPT_CHECK_INDICES=1``). Two rows naming one slot: one of them wins."""
-    torch.ops.fastadapt.kv_append(k, v, k_pages, v_pages, slot_mapping)
+    torch.ops.fastadapt.kv_append.default(k, v, k_pages, v_pages, slot_mapping)
 
 
 kv_append.__doc__ += "\n\nReference:\n" + (kv_append_reference.__doc__ or "")
@@ -38,7 +38,7 @@ def kv_compact(
     """Move token ``src_slots[i]`` to ``dst_slots[i]`` in both pools (and the score pool) for all
     ``i`` at once: every read happens before any write (the kept tokens are gathered into a
     temporary of ``M`` rows, never a copy of the pool). Unnamed slots keep their contents."""
-    torch.ops.fastadapt.kv_compact(k_pages, v_pages, scores, src_slots, dst_slots)
+    torch.ops.fastadapt.kv_compact.default(k_pages, v_pages, scores, src_slots, dst_slots)
 
 
 kv_compact.__doc__ += "\n\nReference:\n" + (kv_compact_reference.__doc__ or "")

@@ -26,7 +26,7 @@ def qlinear(
 ) -> torch.Tensor:  # [..., N] in x's dtype
     """Low-bit linear. ``act_quant="int8"`` quantizes x per 32-block and uses integer dots."""
     if out is None:
-        return torch.ops.fastadapt.qlinear(
+        return torch.ops.fastadapt.qlinear.default(
             x, qdata, scales, zeros, bias, fmt, in_features, group_size, act_quant)
     torch.ops.fastadapt.qlinear.out(
         x, qdata, scales, zeros, bias, fmt, in_features, group_size, act_quant, out=out)

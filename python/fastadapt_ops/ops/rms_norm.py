@@ -14,7 +14,7 @@ def rms_norm(
     residual: Optional[torch.Tensor] = None,  # [..., D], x's dtype, contiguous; updated in place
 ) -> torch.Tensor:  # [..., D] in x's dtype
     """``y = s * rsqrt(mean(s^2) + eps) * weight`` with ``s = x``, or ``s = residual += x``."""
-    return torch.ops.fastadapt.rms_norm(x, weight, eps, residual)
+    return torch.ops.fastadapt.rms_norm.default(x, weight, eps, residual)
 
 
 def rms_norm_reference(x, weight, eps, residual=None):

@@ -23,7 +23,7 @@ def rope(
 ) -> None:
     """Rotate q and k in place (fp32 math, their dtype kept). q and k may be strided views, e.g.
     ``qkv[:, :nq].view(T, H_q, D)`` of a fused QKV projection: no copies are made."""
-    torch.ops.fastadapt.rope(q, k, positions, cos_sin, interleaved)
+    torch.ops.fastadapt.rope.default(q, k, positions, cos_sin, interleaved)
 
 
 def rope_reference(

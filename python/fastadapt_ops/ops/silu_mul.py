@@ -17,7 +17,7 @@ def silu_mul(
     ``g / (1 + e^-g)`` flushes to -0 (``g`` in about [-91.8, -88.7], where ``e^-g`` overflows fp32)
     keep their true value."""
     if out is None:
-        return torch.ops.fastadapt.silu_mul(x)
+        return torch.ops.fastadapt.silu_mul.default(x)
     torch.ops.fastadapt.silu_mul.out(x, out=out)
     return out
 

@@ -32,7 +32,7 @@ def bipartite_soft_matching(
     ``r`` must not exceed the unprotected even positions that have an unprotected odd partner
     (the CPU kernel raises; on CUDA such an item merges what it can). See :func:`protected_mask`.
     """
-    return torch.ops.fastadapt.bipartite_soft_matching(metric, r, protected)
+    return torch.ops.fastadapt.bipartite_soft_matching.default(metric, r, protected)
 
 
 def merge_tokens(
@@ -46,7 +46,7 @@ def merge_tokens(
     Rows whose summed size is 0 (only zero-size tokens, e.g. padding, or no token) are 0."""
     if _DEBUG and x.is_cuda:
         _check_dest(dest, num_out, "merge_tokens")
-    return torch.ops.fastadapt.merge_tokens(x, dest, num_out, sizes)
+    return torch.ops.fastadapt.merge_tokens.default(x, dest, num_out, sizes)
 
 
 def unmerge_tokens(
@@ -57,7 +57,7 @@ def unmerge_tokens(
     """Inverse scatter of a plan: every token takes its row's features (dense outputs)."""
     if _DEBUG and x.is_cuda:
         _check_dest(dest, x.shape[1], "unmerge_tokens")
-    return torch.ops.fastadapt.unmerge_tokens(x, dest, fill)
+    return torch.ops.fastadapt.unmerge_tokens.default(x, dest, fill)
 
 
 def prune_tokens(
@@ -68,7 +68,7 @@ def prune_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (x_kept [B, keep, C], kept_idx [B, keep] int32)
     """Keep the ``keep`` highest-scoring tokens in their original order (ties: earlier token;
     NaN scores rank last). ``kept_idx`` (ascending) revives them: :func:`kept_to_dest`."""
-    return torch.ops.fastadapt.prune_tokens(x, scores, keep, protected)
+    return torch.ops.fastadapt.prune_tokens.default(x, scores, keep, protected)
 
 
 def proportional_attention(
@@ -79,7 +79,7 @@ def proportional_attention(
     scale: Optional[float] = None,  # None: 1/sqrt(D)
 ) -> torch.Tensor:  # [B, H, Nq, D] in q's dtype
     """``softmax(q k^T * scale + log(sizes)) v`` without an Nq x Nk matrix (online softmax)."""
-    return torch.ops.fastadapt.proportional_attention(q, k, v, sizes, scale)
+    return torch.ops.fastadapt.proportional_attention.default(q, k, v, sizes, scale)
 
 
 # ---------------------------------------------------------------------------------------------
