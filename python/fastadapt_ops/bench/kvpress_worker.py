@@ -31,6 +31,7 @@ def main() -> None:
                                                  dtype=torch.float32, attn_implementation="eager").eval()
     ctx = torch.tensor([job["context"]])
     cont = job["continuation"]
+    n_ctx = ctx.shape[1]
     n_greedy = int(job["greedy"])
 
     def cache_bytes(cache) -> int:
@@ -57,7 +58,10 @@ def main() -> None:
         logits = [out.logits[0, -1:]]
         for c in range(0, len(cont) - 1, 32):
             piece = cont[c:min(c + 32, len(cont) - 1)]
-            o = model(torch.tensor([piece]), past_key_values=cache, use_cache=True)
+            # logical positions, as kvpress's own pipeline passes them: after compression the
+            # cache is shorter than the text, and HF would otherwise derive RoPE positions from it
+            o = model(torch.tensor([piece]), past_key_values=cache, use_cache=True,
+                      position_ids=torch.arange(n_ctx + c, n_ctx + c + len(piece))[None])
             logits.append(o.logits[0])
             peak = max(peak, cache_bytes(cache))
         lp = torch.log_softmax(torch.cat(logits).double(), -1)
@@ -66,9 +70,10 @@ def main() -> None:
         cache, out = prefill(press)
         greedy = []
         tok = out.logits[0, -1].argmax()
-        for _ in range(n_greedy):
+        for i in range(n_greedy):
             greedy.append(int(tok))
-            out = model(tok.view(1, 1), past_key_values=cache, use_cache=True)
+            out = model(tok.view(1, 1), past_key_values=cache, use_cache=True,
+                        position_ids=torch.tensor([[n_ctx + i]]))
             tok = out.logits[0, -1].argmax()
         return {"ppl": math.exp(nll / len(cont)), "preds": lp.argmax(-1).tolist(), "greedy": greedy,
                 "kv_bytes_end": end, "kv_bytes_peak": peak, "seconds": time.perf_counter() - t0}
