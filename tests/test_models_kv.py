@@ -147,3 +147,25 @@ def test_cli_kv_policy_json(tiny_path, capsys):
     assert ev["kv_bytes_peak"] >= ev["kv_bytes_end"] and ev["kv_policy"] == "streaming"
     with pytest.raises(SystemExit):
         main(args + ["--kv-policy", "h2o", "--kv-budget", "-1"])
+
+
+def test_int8_decode_activations_close_to_exact(model, tiny_path, capsys):
+    """act_quant="int8" (single-token rows quantized per token, integer block dots) stays close
+    to the exact path and leaves multi-token matmuls (prefill) exact."""
+    from fastadapt_ops.models.cli import main
+    from fastadapt_ops.quant import QuantizedWeight
+
+    assert isinstance(model.layers[0].wgu, QuantizedWeight)
+    ids = _ids(30, seed=6)
+    exact_prefill = model.prefill(ids, all_logits=True)
+    model.prefill(ids)
+    exact = model.decode_one(7)
+    model.act_quant = "int8"
+    assert torch.equal(model.prefill(ids, all_logits=True), exact_prefill)  # M = 30 rows: exact
+    model.prefill(ids)
+    approx = model.decode_one(7)
+    assert not torch.equal(approx, exact)  # the int8 path did run
+    assert (approx - exact).abs().max() <= 0.05 * exact.abs().max()
+    assert main(["generate", "--model", tiny_path, "--prompt", "the rain", "--max-new-tokens", "4",
+                 "--act-quant", "int8", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"]) == 4

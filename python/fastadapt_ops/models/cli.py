@@ -50,7 +50,8 @@ def _budget(text: str):
     return int(v) if v > 1 and v == int(v) else v
 
 
-def _configure_kv(model, args) -> None:
+def _configure_runner(model, args) -> None:
+    model.act_quant = getattr(args, "act_quant", None) or "none"
     if getattr(args, "kv_policy", None):
         model.configure_kv(args.kv_policy, args.kv_budget, page_size=args.page_size)
     elif getattr(args, "page_size", None):
@@ -71,6 +72,8 @@ def _add_kv_args(p) -> None:
     p.add_argument("--kv-budget", type=_budget, default=1.0,
                    help="KV budget: a ratio of the tokens seen (0.25) or a token count per row (256)")
     p.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens")
+    p.add_argument("--act-quant", choices=("none", "int8"), default="none",
+                   help="decode activations: exact fp32, or int8 per token (llama.cpp's numerics)")
 
 
 def cmd_generate(args) -> int:
@@ -78,7 +81,7 @@ def cmd_generate(args) -> int:
 
     _threads(args)
     model = load(args.model, threads=args.threads, quantize=args.quantize, group_size=args.group_size)
-    _configure_kv(model, args)
+    _configure_runner(model, args)
     stream = None
     if not args.json:
         stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
@@ -100,7 +103,7 @@ def cmd_perplexity(args) -> int:
     _threads(args)
     model = load(args.model, threads=args.threads, max_ctx=max(args.ctx, 16), quantize=args.quantize,
                  group_size=args.group_size)
-    _configure_kv(model, args)
+    _configure_runner(model, args)
     if model.tokenizer is None:
         raise SystemExit(f"fastadapt perplexity: {args.model} has no tokenizer")
     with open(args.file, encoding="utf-8") as f:

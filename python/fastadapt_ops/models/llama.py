@@ -194,6 +194,9 @@ class LlamaModel:
         # from the config), read by the fused rope op
         self._cos_sin = rope_cos_sin_for(c, self.max_ctx)
         self.pos = 0
+        # "none": exact fp32 activations; "int8": decode rows quantized per token to int8 with
+        # integer dot products per weight block (llama.cpp's numerics for Q4/Q8 blocks; faster)
+        self.act_quant = "none"
         self._kv = None  # PagedKVCache, built on first use (configure_kv changes it)
         self._seq: Optional[int] = None
         self.page_size = 16
@@ -286,18 +289,19 @@ class LlamaModel:
                         total_len=self.pos)
 
     # ---- kernels -------------------------------------------------------------------------
-    @staticmethod
-    def _mm(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x @ w^T (+ bias)``; w: float, QuantizedWeight, or a list of them (bias split by rows)."""
+    def _mm(self, x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x @ w^T (+ bias)``; w: float, QuantizedWeight, or a list of them (bias split by rows).
+        Quantized weights use ``self.act_quant`` for single-token (decode) rows."""
         if isinstance(w, QuantizedWeight):
             if _QLINEAR is not None and x.dtype != torch.float64:
-                return _QLINEAR(x, w.qdata, w.scales, w.zeros, bias, w.fmt, w.in_features, w.group_size, "none")
+                aq = self.act_quant if x.shape[0] == 1 else "none"
+                return _QLINEAR(x, w.qdata, w.scales, w.zeros, bias, w.fmt, w.in_features, w.group_size, aq)
             from ..quant import linear
 
             return linear(x, w, bias)
         if isinstance(w, list):
             bs = [None] * len(w) if bias is None else bias.split([p.shape[0] for p in w])
-            return torch.cat([LlamaModel._mm(x, p, b) for p, b in zip(w, bs)], -1)
+            return torch.cat([self._mm(x, p, b) for p, b in zip(w, bs)], -1)
         return F.linear(x, w, bias)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
