@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("gguf")
 
 from fastadapt_ops.kv import POLICIES  # noqa: E402
-from fastadapt_ops.models import generate, load  # noqa: E402
+from fastadapt_ops.models import load  # noqa: E402
 from fastadapt_ops.models.generate import perplexity  # noqa: E402
 
 from test_models import TINY, write_tiny_gguf  # noqa: E402

@@ -2,7 +2,6 @@
 layer against a pure-PyTorch ToMe reference) and on the real all-MiniLM-L6-v2."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from typing import List, Sequence
 
