@@ -313,52 +313,75 @@ class LlamaModel:
         return e.index_select(0, ids)
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, tokens: Union[Sequence[int], torch.Tensor], all_logits: bool = False) -> torch.Tensor:
-        """Append ``tokens`` at the current position; logits ``[T, vocab]`` or ``[1, vocab]``."""
-        c = self.config
+    def _check_tokens(self, tokens: Union[Sequence[int], torch.Tensor]) -> torch.Tensor:
+        """Token ids as a 1-D long tensor, checked against the vocabulary and ``max_ctx``."""
         ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
         T = ids.numel()
         if T == 0:
             raise ValueError("fastadapt_ops.models: no tokens to run")
-        p0 = self.pos
-        if p0 + T > self.max_ctx:
-            raise ValueError(f"fastadapt_ops.models: sequence of {p0 + T} tokens exceeds max_ctx="
+        if self.pos + T > self.max_ctx:
+            raise ValueError(f"fastadapt_ops.models: sequence of {self.pos + T} tokens exceeds max_ctx="
                              f"{self.max_ctx} (pass max_ctx= to load)")
-        if int(ids.min()) < 0 or int(ids.max()) >= c.vocab:
-            raise ValueError(f"fastadapt_ops.models: token ids must be in [0, {c.vocab})")
-        nh, nkv, hd, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.rms_eps
-        nq, nk = nh * hd, nkv * hd
-        S = p0 + T
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab:
+            raise ValueError(f"fastadapt_ops.models: token ids must be in [0, {self.config.vocab})")
         if self._seq is None:
             self.reset()
-        kv, seq = self.kv, [self._seq]
-        append = kv.append_decode if T == 1 else kv.append  # decode: no re-checks per layer
-        scale = hd ** -0.5
-        positions = torch.arange(p0, S)  # [T], rows of the RoPE table
+        return ids
 
-        x = self._embed(ids)  # [T, H], the residual stream
-        delta = None  # the last block output not yet added into x (added by the fused norm)
-        for li, L in enumerate(self.layers):
-            # x += delta; h = rmsnorm(x): one fused op instead of an add and a norm
-            h = rms_norm(x, L.attn_norm, eps) if delta is None else rms_norm(delta, L.attn_norm, eps, x)
-            qkv = self._mm(h, L.wqkv, L.bqkv)  # [T, nq + 2 nk]
-            q = qkv[:, :nq].view(T, nh, hd)  # views into qkv, rotated in place (rotate-half:
-            k = qkv[:, nq:nq + nk].view(T, nkv, hd)  # the q/k rows were un-permuted at load)
-            rope(q, k, positions, self._cos_sin)
-            v = qkv[:, nq + nk:].view(T, nkv, hd)
-            append(li, seq, k, v)  # [T, nkv, hd] into this layer's pages
-            o = self._attend(li, q, scale).reshape(T, nq)  # causal among the T new tokens
-            h = rms_norm(self._mm(o, L.wo, L.bo), L.ffn_norm, eps, x)  # x += attn out; h = norm(x)
-            gu = self._mm(h, L.wgu)  # [T, 2 ffn]
-            a = silu_mul(gu)  # silu(gate) * up: [T, ffn]
-            delta = self._mm(a, L.wdown)
-        self.pos = S
+    def layer(self, li: int, x: torch.Tensor, delta: Optional[torch.Tensor],
+              positions: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+        """Run block ``li`` on the residual stream of T new tokens at RoPE ``positions [T]``.
+
+        The residual is carried as ``(x, delta)``: ``delta`` is the previous block's output not yet
+        added into ``x`` (None before the first block), so the add fuses into the next norm. The
+        block's K/V are appended to layer ``li``'s pages of the current sequence; attention is
+        causal among the T new tokens, which must be the newest of that row. Returns the new
+        ``(x, delta)``; ``x + delta`` is the hidden state after the block."""
+        c = self.config
+        T = x.shape[0]
+        nh, nkv, hd, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.rms_eps
+        nq, nk = nh * hd, nkv * hd
+        L = self.layers[li]
+        kv, seq = self._kv, [self._seq]
+        # x += delta; h = rmsnorm(x): one fused op instead of an add and a norm
+        h = rms_norm(x, L.attn_norm, eps) if delta is None else rms_norm(delta, L.attn_norm, eps, x)
+        qkv = self._mm(h, L.wqkv, L.bqkv)  # [T, nq + 2 nk]
+        q = qkv[:, :nq].view(T, nh, hd)  # views into qkv, rotated in place (rotate-half:
+        k = qkv[:, nq:nq + nk].view(T, nkv, hd)  # the q/k rows were un-permuted at load)
+        rope(q, k, positions, self._cos_sin)
+        v = qkv[:, nq + nk:].view(T, nkv, hd)
+        if T == 1:
+            kv.append_decode(li, seq, k, v)  # decode: no re-checks per layer
+        else:
+            kv.append(li, seq, k, v)  # [T, nkv, hd] into this layer's pages
+        o = self._attend(li, q, hd ** -0.5).reshape(T, nq)  # causal among the T new tokens
+        h = rms_norm(self._mm(o, L.wo, L.bo), L.ffn_norm, eps, x)  # x += attn out; h = norm(x)
+        gu = self._mm(h, L.wgu)  # [T, 2 ffn]
+        a = silu_mul(gu)  # silu(gate) * up: [T, ffn]
+        return x, self._mm(a, L.wdown)
+
+    def logits(self, x: torch.Tensor, delta: Optional[torch.Tensor], all_logits: bool = False) -> torch.Tensor:
+        """Final norm and LM head on the residual ``(x, delta)``: ``[T, vocab]``, or ``[1, vocab]``
+        for the last row only."""
+        if not all_logits:  # only the last position's logits are needed
+            x = x[-1:]
+            delta = None if delta is None else delta[-1:]
+        eps = self.config.rms_eps
+        h = rms_norm(x, self.out_norm, eps) if delta is None else rms_norm(delta, self.out_norm, eps, x)
+        return self._mm(h, self.lm_head)
+
+    def forward(self, tokens: Union[Sequence[int], torch.Tensor], all_logits: bool = False) -> torch.Tensor:
+        """Append ``tokens`` at the current position; logits ``[T, vocab]`` or ``[1, vocab]``."""
+        ids = self._check_tokens(tokens)
+        T, p0 = ids.numel(), self.pos
+        positions = torch.arange(p0, p0 + T)  # [T], rows of the RoPE table
+        x, delta = self._embed(ids), None  # the residual stream
+        for li in range(self.config.n_layers):
+            x, delta = self.layer(li, x, delta, positions)
+        self.pos = p0 + T
         if self.kv_policy is not None:
             self._maybe_evict(T)
-        if not all_logits:  # only the last position's logits are needed
-            x, delta = x[-1:], delta[-1:]
-        h = rms_norm(delta, self.out_norm, eps, x)
-        return self._mm(h, self.lm_head)
+        return self.logits(x, delta, all_logits)
 
     @torch.inference_mode()
     def prefill(self, tokens: Union[Sequence[int], torch.Tensor], all_logits: bool = False,
