@@ -80,4 +80,12 @@ TORCH_LIBRARY(fastadapt, m) {
   // over key blocks, no N x N matrix). q [B, H, Nq, D], k/v [B, H, Nk, D], sizes [B, Nk] (0 =
   // masked key; None = ones), scale None = 1/sqrt(D). Returns [B, H, Nq, D] in q's dtype.
   m.def("proportional_attention(Tensor q, Tensor k, Tensor v, Tensor? sizes=None, float? scale=None) -> Tensor");
+
+  // ---- lookup-table low-bit linear (lut helper) ----------------------------------------------
+
+  // ---- block-sparse prefill attention (sparse helper) ----------------------------------------
+
+  // ---- confidence measures for adaptive decoding (spec helper) --------------------------------
+
+  // ---- mixture-of-experts routing (bon helper) ------------------------------------------------
 }
