@@ -200,6 +200,7 @@ class LlamaModel:
         self._kv = None  # PagedKVCache, built on first use (configure_kv changes it)
         self._seq: Optional[int] = None
         self.page_size = 16
+        self.max_batch = 1  # full-length sequences the page pool holds (configure_kv)
         self.kv_policy = None  # fastadapt_ops.kv.policies.Policy or None (keep everything)
         self._evict_due = 0  # decode steps since the last eviction check
 
@@ -210,19 +211,24 @@ class LlamaModel:
 
     # ---- cache ---------------------------------------------------------------------------
     def configure_kv(self, policy: Optional[str] = None, budget: Union[int, float] = 1.0,
-                     page_size: int = 16, **policy_kw) -> None:
+                     page_size: int = 16, max_batch: int = 1, **policy_kw) -> None:
         """Choose the KV eviction policy (a name from ``fastadapt_ops.kv.POLICIES`` or None for
-        the full cache), its budget (a ratio of the tokens seen, or a token count per row) and
-        the page size. Drops the current sequence."""
+        the full cache), its budget (a ratio of the tokens seen, or a token count per row), the
+        page size, and how many full-length sequences the page pool holds at once (forks share
+        their prefix pages, so N samples of one prompt need far fewer). Drops the current
+        sequence."""
         from ..kv.policies import FullPolicy, get_policy
 
         if not isinstance(page_size, int) or page_size <= 0:
             raise ValueError(f"fastadapt_ops.models: page_size must be a positive int, got {page_size!r}")
+        if not isinstance(max_batch, int) or max_batch <= 0:
+            raise ValueError(f"fastadapt_ops.models: max_batch must be a positive int, got {max_batch!r}")
         pol = None if policy is None else get_policy(policy, budget=budget, **policy_kw)
         if pol is not None and (isinstance(pol, FullPolicy) or pol.budget.is_full):
             pol = None  # a 100% budget keeps everything: the full cache, bit for bit
         self.kv_policy = pol
         self.page_size = page_size
+        self.max_batch = max_batch
         self._kv = None
         self._seq = None
         self.pos = 0
@@ -237,7 +243,7 @@ class LlamaModel:
             c = self.config
             pages_per_row = -(-self.max_ctx // self.page_size)
             self._kv = PagedKVCache(c.n_layers, c.n_kv_heads, c.head_dim, page_size=self.page_size,
-                                    num_pages=c.n_kv_heads * (pages_per_row + 1), dtype=self.dtype,
+                                    num_pages=self.max_batch * c.n_kv_heads * (pages_per_row + 1), dtype=self.dtype,
                                     track_scores=self.kv_policy is not None and self.kv_policy.needs_scores)
         return self._kv
 
@@ -256,24 +262,28 @@ class LlamaModel:
         self.pos = 0
         self._evict_due = 0
 
-    def _attend(self, li: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Paged attention of ``q [T, H_q, D]`` (the newest T tokens) over layer ``li``; feeds the
-        score pool the way the policy asks (see ``fastadapt_ops.kv.policies``)."""
-        kv, seq, pol = self._kv, [self._seq], self.kv_policy
-        T = q.shape[0]
-        indptr, indices, lens = kv.plan(li, seq)
+    def _attend(self, li: int, q: torch.Tensor, scale: float, seqs: Optional[List[int]] = None) -> torch.Tensor:
+        """Paged attention of ``q [B*T, H_q, D]`` (the newest T tokens of each of the B sequences
+        ``seqs``, sequence-major; default the current one) over layer ``li``: ``[B*T, H_q, D]``.
+        Feeds the score pool the way the policy asks (see ``fastadapt_ops.kv.policies``)."""
+        kv, pol = self._kv, self.kv_policy
+        seqs = [self._seq] if seqs is None else seqs
+        B = len(seqs)
+        T = q.shape[0] // B
+        q = q.view(B, T, *q.shape[1:])
+        indptr, indices, lens = kv.plan(li, seqs)
         mode = pol.score_mode if pol is not None else None
         acc = kv.scores[li] if mode == "accumulate" or (mode is not None and T == 1) else None
         if mode == "last" and T == 1:
-            kv.reset_scores(li, seq)
-        o, _ = _PAGED_ATTN(q[None], kv.k_pages[li], kv.v_pages[li], indptr, indices, lens, scale, acc)
+            kv.reset_scores(li, seqs)
+        o, _ = _PAGED_ATTN(q, kv.k_pages[li], kv.v_pages[li], indptr, indices, lens, scale, acc)
         if mode is not None and acc is None:  # prefill: scores of the last queries only
             w = 1 if mode == "last" else min(T, getattr(pol, "window", 0) or T)
             if mode == "last":
-                kv.reset_scores(li, seq)
-            _PAGED_ATTN(q[None, T - w:], kv.k_pages[li], kv.v_pages[li], indptr, indices, lens, scale,
+                kv.reset_scores(li, seqs)
+            _PAGED_ATTN(q[:, T - w:], kv.k_pages[li], kv.v_pages[li], indptr, indices, lens, scale,
                         kv.scores[li])
-        return o[0]
+        return o.reshape(B * T, *o.shape[2:])
 
     def _maybe_evict(self, T: int) -> None:
         """Compact the cache to the policy's budget after a prefill, then every page_size steps."""
@@ -328,33 +338,37 @@ class LlamaModel:
             self.reset()
         return ids
 
-    def layer(self, li: int, x: torch.Tensor, delta: Optional[torch.Tensor],
-              positions: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
-        """Run block ``li`` on the residual stream of T new tokens at RoPE ``positions [T]``.
+    def layer(self, li: int, x: torch.Tensor, delta: Optional[torch.Tensor], positions: torch.Tensor,
+              seqs: Optional[List[int]] = None) -> "tuple[torch.Tensor, torch.Tensor]":
+        """Run block ``li`` on the residual stream of new tokens at RoPE ``positions``.
 
-        The residual is carried as ``(x, delta)``: ``delta`` is the previous block's output not yet
+        ``x [B*T, H]`` holds T new tokens of each of the B cache sequences ``seqs`` (sequence-major;
+        default: the current sequence, B = 1); ``positions [B*T]`` are their RoPE rows. The
+        residual is carried as ``(x, delta)``: ``delta`` is the previous block's output not yet
         added into ``x`` (None before the first block), so the add fuses into the next norm. The
-        block's K/V are appended to layer ``li``'s pages of the current sequence; attention is
-        causal among the T new tokens, which must be the newest of that row. Returns the new
+        block's K/V are appended to layer ``li``'s pages of each sequence; attention is causal
+        among each sequence's T new tokens, which must be the newest of its rows. Returns the new
         ``(x, delta)``; ``x + delta`` is the hidden state after the block."""
         c = self.config
-        T = x.shape[0]
+        N = x.shape[0]
         nh, nkv, hd, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.rms_eps
         nq, nk = nh * hd, nkv * hd
         L = self.layers[li]
-        kv, seq = self._kv, [self._seq]
+        kv = self._kv
+        seqs = [self._seq] if seqs is None else list(seqs)
+        T = N // len(seqs)
         # x += delta; h = rmsnorm(x): one fused op instead of an add and a norm
         h = rms_norm(x, L.attn_norm, eps) if delta is None else rms_norm(delta, L.attn_norm, eps, x)
         qkv = self._mm(h, L.wqkv, L.bqkv)  # [T, nq + 2 nk]
-        q = qkv[:, :nq].view(T, nh, hd)  # views into qkv, rotated in place (rotate-half:
-        k = qkv[:, nq:nq + nk].view(T, nkv, hd)  # the q/k rows were un-permuted at load)
+        q = qkv[:, :nq].view(N, nh, hd)  # views into qkv, rotated in place (rotate-half:
+        k = qkv[:, nq:nq + nk].view(N, nkv, hd)  # the q/k rows were un-permuted at load)
         rope(q, k, positions, self._cos_sin)
-        v = qkv[:, nq + nk:].view(T, nkv, hd)
+        v = qkv[:, nq + nk:].view(N, nkv, hd)
         if T == 1:
-            kv.append_decode(li, seq, k, v)  # decode: no re-checks per layer
+            kv.append_decode(li, seqs, k, v)  # decode: no re-checks per layer
         else:
-            kv.append(li, seq, k, v)  # [T, nkv, hd] into this layer's pages
-        o = self._attend(li, q, hd ** -0.5).reshape(T, nq)  # causal among the T new tokens
+            kv.append(li, seqs, k, v)  # [B*T, nkv, hd] into this layer's pages
+        o = self._attend(li, q, hd ** -0.5, seqs).reshape(N, nq)  # causal among each row's new tokens
         h = rms_norm(self._mm(o, L.wo, L.bo), L.ffn_norm, eps, x)  # x += attn out; h = norm(x)
         gu = self._mm(h, L.wgu)  # [T, 2 ffn]
         a = silu_mul(gu)  # silu(gate) * up: [T, ffn]
