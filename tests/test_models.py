@@ -131,7 +131,7 @@ def write_tiny_gguf(path, seed=0, arch="llama", tied=True, bad_type=False):
 def reference_logits(ref, ids, tied=True):
     """Plain float64 Llama (HF conventions: rotate-half RoPE, repeat_kv GQA)."""
     c = TINY
-    H, nh, nkv, F_ = c["hidden"], c["n_heads"], c["n_kv_heads"], c["ffn"]
+    H, nh, nkv = c["hidden"], c["n_heads"], c["n_kv_heads"]
     hd = H // nh
     T = len(ids)
 

@@ -310,7 +310,7 @@ def test_act_quant_int8_runs():
 
 
 def test_non_default_stream_and_device_guard():
-    N, K, gs = N_PRIME, 256, 32
+    N, K = N_PRIME, 256
     qdata, scales, zeros = _weight("q8_0", N, K, 32)
     w64 = _dequant(qdata, scales, zeros, "q8_0", N, K, 32)
     x = _x(17, K, torch.float16)

@@ -541,7 +541,7 @@ def bench_shape(args, N: int, K: int, layer: str, cases: list[Case], device: tor
             err = f" err {row['max_rel_err']:.2e}" if "max_rel_err" in row else ""
             _log(args, f"  {N}x{K} M={M} {case.label}: {t.median_us:.1f} us, {gbps:.1f} GB/s"
                        f" ({copies.n} copies){err}")
-        del copies, prep
+        copies = prep = None  # release this case's weight copies before the next one
         gc.collect()
 
     # ratios against the baselines measured in this run, same shape and M
