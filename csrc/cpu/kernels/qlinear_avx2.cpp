@@ -7,6 +7,8 @@
 //         micro-kernel of dot products runs over it for every 3 rows of x.
 //  int8 : activations pre-quantized per 32-block; vpmaddubsw/vpmaddwd integer dot products per
 //         chunk, converted and scaled in fp32 per chunk.
+// GGUF 32-value blocks (Q4_0, Q4_1, Q8_0) take prologue-free variants of gemv and int8 that read
+// each block header in place (decode rows are short; see gguf_block_rows).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -204,27 +206,43 @@ int64_t row_affine(const QLinearProblem& p, const uint8_t* row, int64_t n, float
     const int64_t chunks = p.K / 32;
     int64_t c = 0;
     if constexpr (F == QFormat::Q4_0 || F == QFormat::Q4_1 || F == QFormat::Q8_0) {
-      // 8 blocks at a time: gather the fp16 d (and m) fields, widen with one vcvtph2ps, and
-      // store each value twice (one per 16-value half)
-      constexpr int64_t bs = F == QFormat::Q4_0 ? 18 : F == QFormat::Q4_1 ? 20 : 34;
-      auto store_pairs = [](float* dst, __m256 v) {
+      // 8 blocks at a time: one gather of the dword at each block's start (Q4_1: d | m << 16;
+      // Q4_0/Q8_0: d and two code bytes), both halves widened with one vcvtph2ps each, every
+      // value stored twice (one per 16-value half). The last < 8 blocks use a masked gather, so
+      // no block is decoded by scalar code and nothing past the row is read.
+      constexpr int32_t bs = F == QFormat::Q4_0 ? 18 : F == QFormat::Q4_1 ? 20 : 34;
+      const __m256i step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bs));
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i lo16 = _mm256_set1_epi32(0xFFFF);
+      auto store_pairs = [](float* dst, __m256 v, int64_t nv) {
         const __m256 lo = _mm256_unpacklo_ps(v, v), hi = _mm256_unpackhi_ps(v, v);
-        _mm256_storeu_ps(dst, _mm256_permute2f128_ps(lo, hi, 0x20));
-        _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
-      };
-      for (; c + 8 <= chunks; c += 8) {
-        alignas(16) uint16_t d16[8], m16[8];
-        for (int j = 0; j < 8; ++j) {
-          std::memcpy(&d16[j], row + (c + j) * bs, 2);
-          if constexpr (F == QFormat::Q4_1) std::memcpy(&m16[j], row + (c + j) * bs + 2, 2);
+        alignas(32) float t[16];
+        _mm256_store_ps(t, _mm256_permute2f128_ps(lo, hi, 0x20));
+        _mm256_store_ps(t + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+        if (nv == 8) {
+          _mm256_storeu_ps(dst, _mm256_load_ps(t));
+          _mm256_storeu_ps(dst + 8, _mm256_load_ps(t + 8));
+        } else {
+          std::memcpy(dst, t, sizeof(float) * 2 * nv);
         }
-        const __m256 d = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(d16)));
+      };
+      for (; c < chunks; c += 8) {
+        const int64_t nv = std::min<int64_t>(8, chunks - c);
+        const __m256i idx = _mm256_add_epi32(step, _mm256_set1_epi32(static_cast<int32_t>(c * bs)));
+        const int* base = reinterpret_cast<const int*>(row);
+        const __m256i g = nv == 8 ? _mm256_i32gather_epi32(base, idx, 1)
+                                  : _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), base, idx,
+                                        _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(nv)), lane), 1);
+        // per 128-bit lane: [d0..d3, m0..m3] -> qwords [d 0-3, m 0-3, d 4-7, m 4-7] -> [d | m]
+        const __m256i packed = _mm256_permute4x64_epi64(
+            _mm256_packus_epi32(_mm256_and_si256(g, lo16), _mm256_srli_epi32(g, 16)), 0xD8);
+        const __m256 d = _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
         __m256 off;
         if constexpr (F == QFormat::Q4_0) off = _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
-        else if constexpr (F == QFormat::Q4_1) off = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(m16)));
+        else if constexpr (F == QFormat::Q4_1) off = _mm256_cvtph_ps(_mm256_extracti128_si256(packed, 1));
         else off = _mm256_setzero_ps();
-        store_pairs(a + 2 * c, d);
-        store_pairs(b + 2 * c, off);
+        store_pairs(a + 2 * c, d, nv);
+        store_pairs(b + 2 * c, off, nv);
       }
     }
     for (; c < chunks; ++c) chunk_affine<F, kSigned>(p, row, n, c, 0, a + 2 * c, b + 2 * c);
@@ -402,6 +420,130 @@ void rows_mt(const QLinearProblem& p, int64_t m0, int64_t n0, int64_t n1) {
   }
 }
 
+// ---- GGUF 32-value blocks (Q4_0, Q4_1, Q8_0) without a per-row prologue -----------------------
+// Decode rows are short (K = 576 for SmolLM2): a prologue gathering every block's fp16 header
+// into arrays cost as much as the dot products. These paths read each header where the block
+// is, widen it with one vcvtph2ps, and accumulate the offsets (Q4_1's m, Q4_0's -8 d, times the
+// block sum of x) in a 4-lane vector against `xoff`, a per-call table of x block sums:
+// per row of x and block c, 4 floats laid out against the widened header [d, m, 0, 0] (Q4_1:
+// [0, xs_c, 0, 0]) or [d, 0, 0, 0] (Q4_0: [-8 xs_c, 0, 0, 0]). Q8_0 has no offsets.
+template <QFormat F> constexpr bool kGgufBlock32 =
+    F == QFormat::Q4_0 || F == QFormat::Q4_1 || F == QFormat::Q8_0;
+
+template <QFormat F>
+constexpr int64_t kGgufBlockBytes = F == QFormat::Q4_0 ? 18 : F == QFormat::Q4_1 ? 20 : 34;
+
+// [d, m, 0, 0] for Q4_1, [d, 0, 0, 0] otherwise, of block c.
+template <QFormat F>
+inline __m128 gguf_header(const uint8_t* row, int64_t c) {
+  if constexpr (F == QFormat::Q4_1) {
+    uint32_t w;
+    std::memcpy(&w, row + c * kGgufBlockBytes<F>, 4);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(w)));
+  } else {
+    uint16_t d;
+    std::memcpy(&d, row + c * kGgufBlockBytes<F>, 2);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(d));
+  }
+}
+
+template <QFormat F>
+void gguf_block_offsets(const QLinearProblem& p, float* xoff) {
+  const int64_t chunks = p.K / 32, units = p.K / p.xsum_unit;
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* xs = p.xsum + m * units;
+    float* o = xoff + m * chunks * 4;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float s = xs[2 * c] + xs[2 * c + 1];  // two 16-value units per block
+      o[4 * c + 0] = F == QFormat::Q4_0 ? -8.f * s : 0.f;
+      o[4 * c + 1] = F == QFormat::Q4_1 ? s : 0.f;
+      o[4 * c + 2] = o[4 * c + 3] = 0.f;
+    }
+  }
+}
+
+template <QFormat F, int MT, bool kInt8>
+void gguf_block_rows(const QLinearProblem& p, const float* xoff, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int64_t bs = kGgufBlockBytes<F>;
+  constexpr bool kOffsets = F != QFormat::Q8_0;
+  const int64_t chunks = p.K / 32;
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const float* xr[MT];
+  const int8_t* xq[MT];
+  const float* xo[MT];
+  for (int m = 0; m < MT; ++m) {
+    xr[m] = p.x + (m0 + m) * p.x_stride;
+    xq[m] = kInt8 ? p.xq + (m0 + m) * p.K : nullptr;
+    xo[m] = xoff + (m0 + m) * chunks * 4;
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.qdata + n * p.row_bytes;
+    __m256 acc[MT][2];
+    __m128 off[MT];
+    for (int m = 0; m < MT; ++m) {
+      acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+      off[m] = _mm_setzero_ps();
+    }
+    for (int64_t c = 0; c < chunks; ++c) {
+      __builtin_prefetch(row + (c + 6) * bs, 0, 3);
+      const __m128 h = gguf_header<F>(row, c);
+      const __m256 d = _mm256_broadcastss_ps(h);
+      if constexpr (kInt8) {
+        const __m256i q = chunk_codes<F>(row, c);
+        const __m256i qu = kSignedCodes<F> ? _mm256_sign_epi8(q, q) : q;
+        for (int m = 0; m < MT; ++m) {
+          __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + 32 * c));
+          if constexpr (kSignedCodes<F>) xv = _mm256_sign_epi8(xv, q);
+          const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qu, xv), ones16);
+          acc[m][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[m][c & 1]);
+        }
+      } else {
+        __m256 f[4];
+        chunk_floats<F>(row, c, f);
+        for (int m = 0; m < MT; ++m) {
+          const float* x = xr[m] + 32 * c;
+          __m256 t0 = _mm256_mul_ps(f[0], _mm256_loadu_ps(x));
+          __m256 t1 = _mm256_mul_ps(f[1], _mm256_loadu_ps(x + 8));
+          t0 = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(x + 16), t0);
+          t1 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(x + 24), t1);
+          acc[m][c & 1] = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), d, acc[m][c & 1]);
+        }
+      }
+      if constexpr (kOffsets)
+        for (int m = 0; m < MT; ++m) off[m] = _mm_fmadd_ps(h, _mm_loadu_ps(xo[m] + 4 * c), off[m]);
+    }
+    const float bias = p.bias ? p.bias[n] : 0.f;
+    for (int m = 0; m < MT; ++m) {
+      const __m256 a8 = _mm256_add_ps(acc[m][0], acc[m][1]);
+      __m128 t = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));
+      if constexpr (kInt8) t = _mm_mul_ps(t, _mm_set1_ps(p.xscale[m0 + m]));
+      t = _mm_add_ps(t, off[m]);
+      t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+      t = _mm_add_ss(t, _mm_movehdup_ps(t));
+      p.y[(m0 + m) * p.y_stride + n] = _mm_cvtss_f32(t) + bias;
+    }
+  }
+}
+
+template <QFormat F, bool kInt8>
+void gguf_block_all_m(const QLinearProblem& p, int64_t n0, int64_t n1) {
+  thread_local Scratch<float> offs;
+  float* xoff = offs.get(static_cast<size_t>(p.M * (p.K / 32) * 4));
+  if constexpr (F != QFormat::Q8_0) gguf_block_offsets<F>(p, xoff);
+  constexpr int64_t kRowBlock = 4;
+  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+    const int64_t ne = std::min(n1, nb + kRowBlock);
+    for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+      switch (std::min<int64_t>(4, p.M - m0)) {
+        case 1: gguf_block_rows<F, 1, kInt8>(p, xoff, m0, nb, ne); break;
+        case 2: gguf_block_rows<F, 2, kInt8>(p, xoff, m0, nb, ne); break;
+        case 3: gguf_block_rows<F, 3, kInt8>(p, xoff, m0, nb, ne); break;
+        default: gguf_block_rows<F, 4, kInt8>(p, xoff, m0, nb, ne); break;
+      }
+    }
+  }
+}
+
 template <QFormat F, bool kInt8>
 void rows_all_m(const QLinearProblem& p, int64_t n0, int64_t n1) {
   // Weight rows outermost in blocks, so a block stays in L1 while every 4 rows of x pass over it.
@@ -530,12 +672,142 @@ void int8_nibble_rows(const QLinearProblem& p, const int8_t* xi, int64_t m0, int
   }
 }
 
+// GGUF nibble blocks (Q4_0, Q4_1) without a per-row prologue: each pair of blocks reads its
+// fp16 d (and Q4_1's m) straight from the block headers, widens them with one vcvtph2ps and
+// spreads them over the pair's lanes with one permute; the offsets (m, or -8 d for Q4_0, times
+// the block sums of x) accumulate in a 4-lane vector against a per-call table `xoff` of x block
+// sums laid out to match. One horizontal sum per row at the end. For decode (M of 1 to 4) the
+// prologue of the generic row path cost as much as the dot products of a 576-wide row.
+// xoff, per row of x and pair of blocks (c, c+1), 4 floats:
+//   Q4_1: [0, xs_c, 0, xs_c1]   (lanes of d_c, m_c, d_c1, m_c1)
+//   Q4_0: [-8 xs_c, -8 xs_c1, 0, 0]   (lanes of d_c, d_c1, 0, 0)
+template <QFormat F, int MT>
+void int8_gguf_nibble_rows(const QLinearProblem& p, const int8_t* xi, const float* xoff, int64_t m0,
+                           int64_t n0, int64_t n1) {
+  static_assert(F == QFormat::Q4_0 || F == QFormat::Q4_1, "GGUF nibble formats only");
+  constexpr int64_t bs = F == QFormat::Q4_0 ? 18 : 20;
+  const int64_t chunks = p.K / 32, pairs = (chunks + 1) / 2;
+  const __m256i m4 = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);
+  // lanes of the widened header vector that scale chunk c (lanes 0-3) and c + 1 (lanes 4-7)
+  const __m256i dsel = F == QFormat::Q4_1 ? _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)
+                                          : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const int8_t* xr[MT];
+  const float* xo[MT];
+  for (int m = 0; m < MT; ++m) {
+    xr[m] = xi + (m0 + m) * p.K;
+    xo[m] = xoff + (m0 + m) * pairs * 4;
+  }
+  auto header = [&](const uint8_t* row, int64_t c, bool two) -> __m128 {
+    uint32_t w0, w1 = 0;
+    if constexpr (F == QFormat::Q4_1) {
+      std::memcpy(&w0, row + c * bs, 4);  // d | m << 16
+      if (two) std::memcpy(&w1, row + (c + 1) * bs, 4);
+      return _mm_cvtph_ps(_mm_setr_epi32(static_cast<int>(w0), static_cast<int>(w1), 0, 0));
+    } else {
+      uint16_t d0, d1 = 0;
+      std::memcpy(&d0, row + c * bs, 2);
+      if (two) std::memcpy(&d1, row + (c + 1) * bs, 2);
+      w0 = static_cast<uint32_t>(d0) | static_cast<uint32_t>(d1) << 16;
+      return _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(w0)));
+    }
+  };
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.qdata + n * p.row_bytes;
+    __m256 acc[MT];
+    __m128 off[MT];
+    for (int m = 0; m < MT; ++m) {
+      acc[m] = _mm256_setzero_ps();
+      off[m] = _mm_setzero_ps();
+    }
+    int64_t c = 0;
+    for (; c + 1 < chunks; c += 2) {
+      if (c + 2 < chunks) __builtin_prefetch(row + (c + 8) * bs, 0, 3);
+      const __m128 h = header(row, c, true);
+      const __m256 scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(h), dsel);
+      const __m256i v = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(row + (c + 1) * bs + bs - 16),
+                                            reinterpret_cast<const __m128i*>(row + c * bs + bs - 16));
+      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      for (int m = 0; m < MT; ++m) {
+        const __m256i* x = reinterpret_cast<const __m256i*>(xr[m] + 32 * c);
+        // pair sums stay below 2 * 2 * 15 * 127 < 2^15
+        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(x)),
+                                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256(x + 1)));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones16)), scale, acc[m]);
+        off[m] = _mm_fmadd_ps(h, _mm_loadu_ps(xo[m] + 2 * c), off[m]);
+      }
+    }
+    if (c < chunks) {  // a lone last chunk, x in natural order
+      const __m128 h = header(row, c, false);
+      const __m256 scale = _mm256_set1_ps(_mm_cvtss_f32(h));
+      const __m256i q = chunk_codes<F>(row, c);
+      for (int m = 0; m < MT; ++m) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + 32 * c));
+        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones16);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), scale, acc[m]);
+        off[m] = _mm_fmadd_ps(h, _mm_loadu_ps(xo[m] + 2 * c), off[m]);
+      }
+    }
+    const float bias = p.bias ? p.bias[n] : 0.f;
+    for (int m = 0; m < MT; ++m) {
+      const __m128 a = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
+      __m128 t = _mm_add_ps(_mm_mul_ps(a, _mm_set1_ps(p.xscale[m0 + m])), off[m]);
+      t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+      t = _mm_add_ss(t, _mm_movehdup_ps(t));
+      p.y[(m0 + m) * p.y_stride + n] = _mm_cvtss_f32(t) + bias;
+    }
+  }
+}
+
+// The offset table of int8_gguf_nibble_rows for every row of x (xsum has two 16-value units per
+// block for GGUF formats).
+template <QFormat F>
+void gguf_nibble_offsets(const QLinearProblem& p, float* xoff) {
+  const int64_t chunks = p.K / 32, pairs = (chunks + 1) / 2, units = p.K / p.xsum_unit;
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* xs = p.xsum + m * units;
+    float* o = xoff + m * pairs * 4;
+    for (int64_t q = 0; q < pairs; ++q) {
+      const int64_t c = 2 * q;
+      const float s0 = xs[2 * c] + xs[2 * c + 1];
+      const float s1 = c + 1 < chunks ? xs[2 * c + 2] + xs[2 * c + 3] : 0.f;
+      if constexpr (F == QFormat::Q4_1) {
+        o[4 * q + 0] = 0.f;
+        o[4 * q + 1] = s0;
+        o[4 * q + 2] = 0.f;
+        o[4 * q + 3] = s1;
+      } else {
+        o[4 * q + 0] = -8.f * s0;
+        o[4 * q + 1] = -8.f * s1;
+        o[4 * q + 2] = 0.f;
+        o[4 * q + 3] = 0.f;
+      }
+    }
+  }
+}
+
 template <QFormat F>
 void int8_nibble_all_m(const QLinearProblem& p, int64_t n0, int64_t n1) {
   thread_local Scratch<int8_t> scratch;  // x in pair-interleaved order, reused across calls
   int8_t* xbuf = scratch.get(static_cast<size_t>(p.M * p.K));
   for (int64_t m = 0; m < p.M; ++m) interleave_pairs(p.xq + m * p.K, p.K, xbuf + m * p.K);
   constexpr int64_t kRowBlock = 4;
+  if constexpr (F == QFormat::Q4_0 || F == QFormat::Q4_1) {
+    thread_local Scratch<float> offs;
+    float* xoff = offs.get(static_cast<size_t>(p.M * ((p.K / 32 + 1) / 2) * 4));
+    gguf_nibble_offsets<F>(p, xoff);
+    for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+      const int64_t ne = std::min(n1, nb + kRowBlock);
+      for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+        switch (std::min<int64_t>(4, p.M - m0)) {
+          case 1: int8_gguf_nibble_rows<F, 1>(p, xbuf, xoff, m0, nb, ne); break;
+          case 2: int8_gguf_nibble_rows<F, 2>(p, xbuf, xoff, m0, nb, ne); break;
+          case 3: int8_gguf_nibble_rows<F, 3>(p, xbuf, xoff, m0, nb, ne); break;
+          default: int8_gguf_nibble_rows<F, 4>(p, xbuf, xoff, m0, nb, ne); break;
+        }
+      }
+    }
+    return;
+  }
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
     const int64_t ne = std::min(n1, nb + kRowBlock);
     for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
@@ -649,13 +921,21 @@ void gemm(const QLinearProblem& p, int64_t n0, int64_t n1) {
 }  // namespace
 
 void qlinear_gemv_avx2(const QLinearProblem& p, int64_t n0, int64_t n1) {
-  FASTADAPT_DISPATCH_QFORMAT(p.fmt, F, [&] { rows_all_m<F, false>(p, n0, n1); });
+  FASTADAPT_DISPATCH_QFORMAT(p.fmt, F, [&] {
+    if constexpr (kGgufBlock32<F>) {
+      gguf_block_all_m<F, false>(p, n0, n1);
+    } else {
+      rows_all_m<F, false>(p, n0, n1);
+    }
+  });
 }
 
 void qlinear_int8_avx2(const QLinearProblem& p, int64_t n0, int64_t n1) {
   FASTADAPT_DISPATCH_QFORMAT(p.fmt, F, [&] {
     if constexpr (kNibbleFormat<F>) {
       int8_nibble_all_m<F>(p, n0, n1);
+    } else if constexpr (F == QFormat::Q8_0) {
+      gguf_block_all_m<F, true>(p, n0, n1);
     } else {
       rows_all_m<F, true>(p, n0, n1);
     }
