@@ -203,49 +203,9 @@ inline int64_t chunks_per_affine(const QLinearProblem& p) {
 template <QFormat F, bool kSigned>
 int64_t row_affine(const QLinearProblem& p, const uint8_t* row, int64_t n, float* a, float* b) {
   if constexpr (is_gguf_format<F>) {
+    // (Q4_0 / Q4_1 / Q8_0 never come here: gguf_block_rows reads their headers in place)
     const int64_t chunks = p.K / 32;
-    int64_t c = 0;
-    if constexpr (F == QFormat::Q4_0 || F == QFormat::Q4_1 || F == QFormat::Q8_0) {
-      // 8 blocks at a time: one gather of the dword at each block's start (Q4_1: d | m << 16;
-      // Q4_0/Q8_0: d and two code bytes), both halves widened with one vcvtph2ps each, every
-      // value stored twice (one per 16-value half). The last < 8 blocks use a masked gather, so
-      // no block is decoded by scalar code and nothing past the row is read.
-      constexpr int32_t bs = F == QFormat::Q4_0 ? 18 : F == QFormat::Q4_1 ? 20 : 34;
-      const __m256i step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bs));
-      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-      const __m256i lo16 = _mm256_set1_epi32(0xFFFF);
-      auto store_pairs = [](float* dst, __m256 v, int64_t nv) {
-        const __m256 lo = _mm256_unpacklo_ps(v, v), hi = _mm256_unpackhi_ps(v, v);
-        alignas(32) float t[16];
-        _mm256_store_ps(t, _mm256_permute2f128_ps(lo, hi, 0x20));
-        _mm256_store_ps(t + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
-        if (nv == 8) {
-          _mm256_storeu_ps(dst, _mm256_load_ps(t));
-          _mm256_storeu_ps(dst + 8, _mm256_load_ps(t + 8));
-        } else {
-          std::memcpy(dst, t, sizeof(float) * 2 * nv);
-        }
-      };
-      for (; c < chunks; c += 8) {
-        const int64_t nv = std::min<int64_t>(8, chunks - c);
-        const __m256i idx = _mm256_add_epi32(step, _mm256_set1_epi32(static_cast<int32_t>(c * bs)));
-        const int* base = reinterpret_cast<const int*>(row);
-        const __m256i g = nv == 8 ? _mm256_i32gather_epi32(base, idx, 1)
-                                  : _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), base, idx,
-                                        _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(nv)), lane), 1);
-        // per 128-bit lane: [d0..d3, m0..m3] -> qwords [d 0-3, m 0-3, d 4-7, m 4-7] -> [d | m]
-        const __m256i packed = _mm256_permute4x64_epi64(
-            _mm256_packus_epi32(_mm256_and_si256(g, lo16), _mm256_srli_epi32(g, 16)), 0xD8);
-        const __m256 d = _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
-        __m256 off;
-        if constexpr (F == QFormat::Q4_0) off = _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
-        else if constexpr (F == QFormat::Q4_1) off = _mm256_cvtph_ps(_mm256_extracti128_si256(packed, 1));
-        else off = _mm256_setzero_ps();
-        store_pairs(a + 2 * c, d, nv);
-        store_pairs(b + 2 * c, off, nv);
-      }
-    }
-    for (; c < chunks; ++c) chunk_affine<F, kSigned>(p, row, n, c, 0, a + 2 * c, b + 2 * c);
+    for (int64_t c = 0; c < chunks; ++c) chunk_affine<F, kSigned>(p, row, n, c, 0, a + 2 * c, b + 2 * c);
     return 2 * chunks;
   } else {
     const int64_t G = p.groups, base = n * G;
@@ -806,16 +766,16 @@ void int8_nibble_all_m(const QLinearProblem& p, int64_t n0, int64_t n1) {
         }
       }
     }
-    return;
-  }
-  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
-    const int64_t ne = std::min(n1, nb + kRowBlock);
-    for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
-      switch (std::min<int64_t>(4, p.M - m0)) {
-        case 1: int8_nibble_rows<F, 1>(p, xbuf, m0, nb, ne); break;
-        case 2: int8_nibble_rows<F, 2>(p, xbuf, m0, nb, ne); break;
-        case 3: int8_nibble_rows<F, 3>(p, xbuf, m0, nb, ne); break;
-        default: int8_nibble_rows<F, 4>(p, xbuf, m0, nb, ne); break;
+  } else {
+    for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+      const int64_t ne = std::min(n1, nb + kRowBlock);
+      for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+        switch (std::min<int64_t>(4, p.M - m0)) {
+          case 1: int8_nibble_rows<F, 1>(p, xbuf, m0, nb, ne); break;
+          case 2: int8_nibble_rows<F, 2>(p, xbuf, m0, nb, ne); break;
+          case 3: int8_nibble_rows<F, 3>(p, xbuf, m0, nb, ne); break;
+          default: int8_nibble_rows<F, 4>(p, xbuf, m0, nb, ne); break;
+        }
       }
     }
   }
