@@ -78,8 +78,11 @@ def test_snapkv_pooling_and_window():
 
 def test_keynorm_keeps_lowest_norms():
     norms = torch.tensor([3.0, 0.5, 2.0, 0.1, 4.0, 1.0])
-    sel = get_policy("keynorm", budget=3).select(_ctx(norms=norms, budget=3))[(0, 0)]
+    sel = get_policy("keynorm", budget=3, recent=0).select(_ctx(norms=norms, budget=3))[(0, 0)]
     assert sel.tolist() == [1, 3, 5]
+    norms[5] = 9.0  # the default recent window (half the budget: 1 token) keeps the newest anyway
+    assert get_policy("keynorm", budget=3).select(_ctx(norms=norms, budget=3))[(0, 0)].tolist() == [1, 3, 5]
+    assert get_policy("keynorm", budget=3, recent=0).select(_ctx(norms=norms, budget=3))[(0, 0)].tolist() == [1, 2, 3]
 
 
 def test_padding_is_never_kept_and_not_counted():
