@@ -130,6 +130,28 @@ def test_bad_kv_configuration(model):
         model.configure_kv("h2o", 0)
     with pytest.raises(ValueError, match="page_size"):
         model.configure_kv("h2o", 0.5, page_size=0)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        model.configure_kv(None, kv_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_kv_pages(model, tiny_path, capsys, kv_dtype):
+    """configure_kv(kv_dtype=...) stores K/V in half precision (fp32 activations and attention
+    math): the pages really are half, the logits stay close to the fp32 cache's."""
+    from fastadapt_ops.models.cli import main
+
+    ids = _ids(40, seed=8)
+    model.configure_kv(None)
+    exact = model.prefill(ids, all_logits=True)
+    full_bytes = model.kv_bytes()["held"]
+    model.configure_kv(None, kv_dtype=kv_dtype)
+    half = model.prefill(ids, all_logits=True)
+    assert model.kv.k_pages[0].dtype == kv_dtype and model.kv_bytes()["held"] * 2 == full_bytes
+    tol = 0.02 if kv_dtype == torch.float16 else 0.05
+    assert (half - exact).abs().max() <= tol * exact.abs().max()
+    assert main(["generate", "--model", tiny_path, "--prompt", "the rain", "--max-new-tokens", "3",
+                 "--kv-dtype", str(kv_dtype).split(".")[1], "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"]) == 3
 
 
 def test_cli_kv_policy_json(tiny_path, capsys):

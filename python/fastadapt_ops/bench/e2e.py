@@ -3,7 +3,12 @@ same GGUF file, in the same process: HF transformers fp32 (``from_pretrained(ggu
 and llama.cpp (``llama-cpp-python``, used when installed; the table says so when it is not).
 
     python bench/run.py e2e [--model smollm2] [--threads 1,2] [--prompt-tokens 512]
-                            [--decode-tokens 128] [--engines fastadapt,hf,llama.cpp] [--no-split]
+                            [--decode-tokens 128] [--engines fastadapt,fastadapt-q8,hf,llama.cpp]
+                            [--no-split]
+
+Engines: ``fastadapt`` (exact: fp32 activations and KV cache), ``fastadapt-q8`` (llama.cpp's
+numerics: decode activations quantized to int8 per token, KV cache in float16), ``hf`` (HF
+transformers fp32), ``llama.cpp``.
 
 Every engine runs the same token ids: a prefill of ``--prompt-tokens`` tokens of ordinary text,
 then ``--decode-tokens`` single-token steps feeding the tokens our greedy decode produced (the
@@ -48,7 +53,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", default="1,2", help="comma list of thread counts")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--engines", default="fastadapt,hf,llama.cpp")
+    p.add_argument("--engines", default="fastadapt,fastadapt-q8,hf,llama.cpp")
     p.add_argument("--repeats", type=int, default=3, help="runs per engine and thread count (median)")
     p.add_argument("--no-split", action="store_true", help="skip the decode time split")
     p.add_argument("--bw-mib", type=int, default=1024, help="size of the bandwidth probe")
@@ -66,7 +71,10 @@ def prompt_ids(tokenizer, n: int) -> List[int]:
 
 
 # ---- engines: each returns (prefill_s, decode_s) for one run ---------------------------------
-def _run_fastadapt(model, ids: Sequence[int], feed: Sequence[int]):
+def _run_fastadapt(model, ids: Sequence[int], feed: Sequence[int], q8: bool = False):
+    # the configuration is set per run: both fastadapt engines share one loaded model
+    model.act_quant = "int8" if q8 else "none"
+    model.configure_kv(None, kv_dtype=torch.float16 if q8 else None)
     t0 = time.perf_counter()
     model.prefill(ids)
     t1 = time.perf_counter()
@@ -167,9 +175,10 @@ def decode_split(model, ids: Sequence[int], feed: Sequence[int], decode_s: float
             "rest_frac": rest / per_tok_us}
 
 
-def decode_bytes_per_token(model, mean_ctx: float) -> Dict[str, float]:
+def decode_bytes_per_token(model, mean_ctx: float, kv_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
     """Bytes one decode step must read: every block matrix and the LM head once, one embedding
-    row, the norms, and K and V of every layer at ``mean_ctx`` tokens."""
+    row, the norms, and K and V of every layer at ``mean_ctx`` tokens (pages of ``kv_dtype``,
+    default the model's dtype)."""
     from ..quant import QuantizedWeight
 
     def nbytes(w):
@@ -183,7 +192,7 @@ def decode_bytes_per_token(model, mean_ctx: float) -> Dict[str, float]:
     weights += nbytes(model.lm_head)
     weights += sum(L.attn_norm.numel() * 4 + L.ffn_norm.numel() * 4 for L in model.layers)
     c = model.config
-    kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * mean_ctx * torch.empty((), dtype=model.dtype).element_size()
+    kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * mean_ctx * torch.empty((), dtype=kv_dtype or model.dtype).element_size()
     return {"weight_bytes": float(weights), "kv_bytes": float(kv), "total_bytes": float(weights + kv)}
 
 
@@ -203,6 +212,7 @@ def run(args: argparse.Namespace) -> dict:
     bw = timer.measure_read_bandwidth(nbytes=args.bw_mib << 20)
     mean_ctx = P + N / 2
     bytes_tok = decode_bytes_per_token(model, mean_ctx)
+    bytes_tok_q8 = decode_bytes_per_token(model, mean_ctx, torch.float16)
     print(f"e2e: {os.path.basename(path)}, prompt {P} tokens, decode {N} tokens; measured read "
           f"bandwidth {bw:.1f} GB/s; one decode step reads {bytes_tok['total_bytes'] / 1e6:.1f} MB "
           f"(weights {bytes_tok['weight_bytes'] / 1e6:.1f} MB, KV {bytes_tok['kv_bytes'] / 1e6:.1f} MB)")
@@ -227,6 +237,8 @@ def run(args: argparse.Namespace) -> dict:
         runners = {}
         if "fastadapt" in engines:
             runners["fastadapt"] = lambda a, b: _run_fastadapt(model, a, b)
+        if "fastadapt-q8" in engines:
+            runners["fastadapt-q8"] = lambda a, b: _run_fastadapt(model, a, b, q8=True)
         if hf is not None:
             runners["hf-fp32"] = hf.run
         if "llama.cpp" in engines and llama_status is None:
@@ -251,8 +263,9 @@ def run(args: argparse.Namespace) -> dict:
                 row["decode_vs_llama_cpp"] = res["llama.cpp"][1] / b
             if "hf-fp32" in res:
                 row["decode_vs_hf"] = res["hf-fp32"][1] / b
-            if name == "fastadapt":
-                gbps = bytes_tok["total_bytes"] * N / b / 1e9
+            if name.startswith("fastadapt"):
+                step = bytes_tok_q8 if name == "fastadapt-q8" else bytes_tok
+                gbps = step["total_bytes"] * N / b / 1e9
                 row["decode_gbps"] = gbps
                 row["decode_frac_of_bw"] = gbps / bw
             rows.append(row)
@@ -260,6 +273,8 @@ def run(args: argparse.Namespace) -> dict:
                   + (f"   decode x{row['decode_vs_llama_cpp']:.2f} vs llama.cpp" if "decode_vs_llama_cpp" in row else "")
                   + (f"   x{row['decode_vs_hf']:.2f} vs HF" if "decode_vs_hf" in row else ""))
         if "fastadapt" in res and not args.no_split and t == max(threads_list):
+            model.act_quant = "none"  # the split is of the exact engine
+            model.configure_kv(None)
             split = decode_split(model, ids, feed, res["fastadapt"][1])
             print(f"fastadapt decode split at {t} threads: {split['per_token_us']:.0f} us/token = matmuls "
                   f"{100 * split['matmul_frac']:.0f}%, attention {100 * split['attention_frac']:.0f}%, "

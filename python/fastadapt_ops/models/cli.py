@@ -51,11 +51,14 @@ def _budget(text: str):
 
 
 def _configure_runner(model, args) -> None:
+    import torch
+
     model.act_quant = getattr(args, "act_quant", None) or "none"
+    kv_dtype = getattr(torch, args.kv_dtype) if getattr(args, "kv_dtype", None) else None
     if getattr(args, "kv_policy", None):
-        model.configure_kv(args.kv_policy, args.kv_budget, page_size=args.page_size)
+        model.configure_kv(args.kv_policy, args.kv_budget, page_size=args.page_size, kv_dtype=kv_dtype)
     elif getattr(args, "page_size", None):
-        model.configure_kv(None, page_size=args.page_size)
+        model.configure_kv(None, page_size=args.page_size, kv_dtype=kv_dtype)
 
 
 def _kv_fields(model) -> dict:
@@ -72,6 +75,8 @@ def _add_kv_args(p) -> None:
     p.add_argument("--kv-budget", type=_budget, default=1.0,
                    help="KV budget: a ratio of the tokens seen (0.25) or a token count per row (256)")
     p.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens")
+    p.add_argument("--kv-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="KV page dtype (default: the model's, float32); float16 halves attention bytes")
     p.add_argument("--act-quant", choices=("none", "int8"), default="none",
                    help="decode activations: exact fp32, or int8 per token (llama.cpp's numerics)")
 

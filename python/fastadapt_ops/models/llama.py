@@ -201,6 +201,7 @@ class LlamaModel:
         self._seq: Optional[int] = None
         self.page_size = 16
         self.max_batch = 1  # full-length sequences the page pool holds (configure_kv)
+        self.kv_dtype: Optional[torch.dtype] = None  # KV page dtype (None: self.dtype)
         self.kv_policy = None  # fastadapt_ops.kv.policies.Policy or None (keep everything)
         self._evict_due = 0  # decode steps since the last eviction check
 
@@ -211,16 +212,20 @@ class LlamaModel:
 
     # ---- cache ---------------------------------------------------------------------------
     def configure_kv(self, policy: Optional[str] = None, budget: Union[int, float] = 1.0,
-                     page_size: int = 16, max_batch: int = 1, **policy_kw) -> None:
+                     page_size: int = 16, max_batch: int = 1, kv_dtype: Optional[torch.dtype] = None,
+                     **policy_kw) -> None:
         """Choose the KV eviction policy (a name from ``fastadapt_ops.kv.POLICIES`` or None for
         the full cache), its budget (a ratio of the tokens seen, or a token count per row), the
-        page size, and how many full-length sequences the page pool holds at once (forks share
-        their prefix pages, so N samples of one prompt need far fewer). Drops the current
-        sequence."""
+        page size, how many full-length sequences the page pool holds at once (forks share
+        their prefix pages, so N samples of one prompt need far fewer), and the pages' dtype
+        (``kv_dtype``: float32 | bfloat16 | float16; None = the model's dtype; float16 halves the
+        attention's bytes, as llama.cpp's default f16 cache does). Drops the current sequence."""
         from ..kv.policies import FullPolicy, get_policy
 
         if not isinstance(page_size, int) or page_size <= 0:
             raise ValueError(f"fastadapt_ops.models: page_size must be a positive int, got {page_size!r}")
+        if kv_dtype is not None and kv_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"fastadapt_ops.models: kv_dtype must be float32, bfloat16 or float16, got {kv_dtype!r}")
         if not isinstance(max_batch, int) or max_batch <= 0:
             raise ValueError(f"fastadapt_ops.models: max_batch must be a positive int, got {max_batch!r}")
         pol = None if policy is None else get_policy(policy, budget=budget, **policy_kw)
@@ -229,6 +234,7 @@ class LlamaModel:
         self.kv_policy = pol
         self.page_size = page_size
         self.max_batch = max_batch
+        self.kv_dtype = kv_dtype
         self._kv = None
         self._seq = None
         self.pos = 0
@@ -243,7 +249,8 @@ class LlamaModel:
             c = self.config
             pages_per_row = -(-self.max_ctx // self.page_size)
             self._kv = PagedKVCache(c.n_layers, c.n_kv_heads, c.head_dim, page_size=self.page_size,
-                                    num_pages=self.max_batch * c.n_kv_heads * (pages_per_row + 1), dtype=self.dtype,
+                                    num_pages=self.max_batch * c.n_kv_heads * (pages_per_row + 1),
+                                    dtype=self.kv_dtype or self.dtype,
                                     track_scores=self.kv_policy is not None and self.kv_policy.needs_scores)
         return self._kv
 
