@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> vertical_slash_scores_cpu(const at::Tensor& q
   const auto fn = active_isa() == Isa::AVX2 ? vs_scores_head_avx2 : vs_scores_head_generic;
   const float sc = static_cast<float>(bs_scale(scale, D));
   at::parallel_for(0, Hq, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> scratch(static_cast<size_t>(kBsBlock * D + kBsBlock * kBsBlock + 2 * kBsBlock));
+    std::vector<float> scratch(static_cast<size_t>(kBsBlock * D + kBsBlock * kBsBlock + 3 * kBsBlock));
     for (int64_t h = h0; h < h1; ++h)
       fn(q32.data_ptr<float>(), k32.data_ptr<float>(), T, Tk, Hq, Hkv, D, sc, last_q, h,
          vert.data_ptr<float>(), slash.data_ptr<float>(), scratch.data());

@@ -452,37 +452,35 @@ inline void vs_scores_head_impl(const float* q, const float* k, int64_t T, int64
         if (m < m_min || m >= n) St[j * kB + m] = kBsNegInf;
     }
   };
-  // pass 1: row max and sum of every query
+  // pass 1: row max and sum of every query (the online-softmax step with no output: D = 0)
+  float* alpha = l + kB;
   std::fill(mx, mx + kB, kBsNegInf);
   std::fill(l, l + kB, 0.f);
   for (int64_t ks0 = 0; ks0 <= p_last; ks0 += kB) {
     const int64_t nb = std::min(kB, Tk - ks0);
     tile(ks0, nb);
-    for (int64_t m = 0; m < n; ++m) {
-      float bmax = kBsNegInf;
-      for (int64_t j = 0; j < nb; ++j) bmax = std::max(bmax, St[j * kB + m]);
-      if (bmax == kBsNegInf) continue;
-      const float mn = std::max(mx[m], bmax);
-      float s = 0.f;
-      for (int64_t j = 0; j < nb; ++j) s += exp_poly(St[j * kB + m] - mn);
-      l[m] = l[m] * exp_poly(mx[m] - mn) + s;
-      mx[m] = mn;
-    }
+    bs_softmax_tile(St, nb, Mc, mx, l, alpha, nullptr, 0);
   }
-  for (int64_t m = 0; m < n; ++m) mx[m] += std::log(l[m]);  // now the row LSE
+  for (int64_t m = 0; m < Mc; ++m) mx[m] = m < n ? mx[m] + std::log(l[m]) : 0.f;  // row LSE
   // pass 2: normalised probabilities summed per key column and per diagonal
   for (int64_t ks0 = 0; ks0 <= p_last; ks0 += kB) {
     const int64_t nb = std::min(kB, Tk - ks0);
     tile(ks0, nb);
     for (int64_t j = 0; j < nb; ++j) {
-      const float* sj = St + j * kB;
+      float* sj = St + j * kB;
+      int64_t m = 0;
+#if defined(__AVX2__)
+      for (; m + 8 <= Mc; m += 8)
+        _mm256_storeu_ps(sj + m, exp_poly8(_mm256_sub_ps(_mm256_loadu_ps(sj + m), _mm256_loadu_ps(mx + m))));
+#endif
+      for (; m < Mc; ++m) sj[m] = exp_poly(sj[m] - mx[m]);  // masked: exp(-inf) = 0
       const int64_t key = ks0 + j;
       float cs = 0.f;
-      for (int64_t m = 0; m < n; ++m) {
-        if (sj[m] == kBsNegInf) continue;
-        const float p = exp_poly(sj[m] - mx[m]);
-        cs += p;
-        srow[p_first + m - key] += p;
+      const int64_t m0 = std::max<int64_t>(0, key - p_first);  // first query that sees the key
+      float* sl = srow + (p_first + m0 - key);  // query m adds to diagonal p_first + m - key
+      for (int64_t q = m0; q < n; ++q) {
+        cs += sj[q];
+        sl[q - m0] += sj[q];
       }
       vrow[key] += cs;
     }
