@@ -146,6 +146,9 @@ class _Recall:
 
     @torch.no_grad()
     def layer_recall(self, q, k):
+        """[H, n_candidates] mean attention mass each candidate keeps, over sampled query blocks.
+        Batched over heads and candidates (few large tensor ops: the search also runs on busy
+        machines, where every small threaded op waits for its threads)."""
         T, H, D = q.shape
         Tk, Hkv = k.shape[0], k.shape[1]
         G = H // Hkv
@@ -153,55 +156,56 @@ class _Recall:
         nqb, nkb = -(-T // BLOCK), -(-Tk // BLOCK)
         rows = _sample_blocks(nqb, self.sample_blocks)
         cands = self.candidates
-        need_vs = any(c["pattern"] == "vertical_slash" for c in cands)
-        need_tk = any(c["pattern"] == "block_topk" for c in cands)
         vert = slash = pooled = None
-        if need_vs:
+        if any(c["pattern"] == "vertical_slash" for c in cands):
             vert, slash = (t.float().cpu() for t in vertical_slash_scores(q, k))
-        if need_tk:
+        if any(c["pattern"] == "block_topk" for c in cands):
             pooled = block_pool_scores(q, k).cpu()
-        masks = []  # per candidate: [H or 1, nqb, nkb] block mask, plus vs extras
-        for c in cands:
+        blk_idx, blk_masks, vs_idx, vs_extras = [], [], [], []
+        for ci, c in enumerate(cands):
             if c["pattern"] == "a_shape":
-                masks.append((a_shape_block_mask(T, Tk, c["sink"], c["local"])[None], None))
+                blk_idx.append(ci)
+                blk_masks.append(a_shape_block_mask(T, Tk, c["sink"], c["local"])[None].expand(H, -1, -1))
             elif c["pattern"] == "block_topk":
-                masks.append((block_topk_mask(pooled, [c["topk"]] * H, T, Tk), None))
-            else:
+                blk_idx.append(ci)
+                blk_masks.append(block_topk_mask(pooled, [c["topk"]] * H, T, Tk))
+            elif c["pattern"] == "vertical_slash":
                 cols, diags = vertical_slash_extras(vert, slash, [c["n_vertical"]] * H, [c["n_slash"]] * H)
-                masks.append((a_shape_block_mask(T, Tk, 0, 2)[None], (cols, diags)))
+                vs_idx.append(ci)
+                vs_extras.append((torch.stack(cols).long(), torch.stack(diags).long()))
+        bm = torch.stack(blk_masks).float() if blk_masks else None  # [Cb, H, nqb, nkb]
+        local = a_shape_block_mask(T, Tk, 0, 2)  # the vertical-slash blocks [nqb, nkb]
         rec = torch.zeros(H, len(cands), dtype=torch.float64)
         nq = 0
-        kf = k.float()
+        kx = k.float().repeat_interleave(G, 1).permute(1, 2, 0)  # [H, D, Tk]
         pad = nkb * BLOCK - Tk
+        hh = torch.arange(H)[:, None]
         for r in rows:
             i0, i1 = r * BLOCK, min(T, (r + 1) * BLOCK)
+            m = i1 - i0
             pos = torch.arange(Tk - T + i0, Tk - T + i1)
-            logits = torch.einsum("mhd,khd->hmk", q[i0:i1].float(), kf.repeat_interleave(G, 1)) * scale
+            logits = torch.bmm(q[i0:i1].float().transpose(0, 1), kx) * scale  # [H, m, Tk]
             logits.masked_fill_(torch.arange(Tk)[None, None, :] > pos[None, :, None], float("-inf"))
-            P = torch.softmax(logits, -1)  # [H, m, Tk]: 64 rows of the attention, never T x T
-            Pb = torch.nn.functional.pad(P, (0, pad)).view(H, i1 - i0, nkb, BLOCK).sum(-1)  # [H, m, nkb]
-            for ci, (bm, extra) in enumerate(masks):
-                row = bm[:, r].expand(H, -1)  # [H, nkb]
-                mass = (Pb * row[:, None, :]).sum(-1)  # [H, m]
-                if extra is not None:
-                    cols, diags = extra
-                    for h in range(H):
-                        inblk = row[h]
-                        cset = torch.zeros(Tk, dtype=torch.bool)
-                        cs = cols[h].long()
-                        cs = cs[~inblk[cs // BLOCK]]
-                        cset[cs] = True
-                        m_h = P[h][:, cs].sum(-1)
-                        d = diags[h].long()
-                        if d.numel():
-                            keys = pos[:, None] - d[None, :]
-                            ok = keys >= 0
-                            kc = keys.clamp(min=0)
-                            ok &= ~inblk[kc // BLOCK] & ~cset[kc]
-                            m_h = m_h + (P[h].gather(1, kc) * ok).sum(-1)
-                        mass[h] += m_h
-                rec[:, ci] += mass.clamp(max=1.0).sum(-1).double()
-            nq += i1 - i0
+            P = torch.softmax(logits, -1)  # 64 rows of the attention at a time, never T x T
+            if bm is not None:
+                Pb = torch.nn.functional.pad(P, (0, pad)).view(H, m, nkb, BLOCK).sum(-1)  # [H, m, nkb]
+                mass = torch.einsum("hmk,chk->chm", Pb, bm[:, :, r])  # [Cb, H, m]
+                rec[:, blk_idx] += mass.clamp(max=1.0).sum(-1).T.double()
+            if vs_idx:
+                inblk = local[r]  # [nkb]
+                Pl = torch.nn.functional.pad(P, (0, pad)).view(H, m, nkb, BLOCK)[:, :, inblk].sum((-1, -2))
+                for ci, (cols, diags) in zip(vs_idx, vs_extras):
+                    cv = ~inblk[cols // BLOCK]  # [H, nv] columns outside the local blocks
+                    mc = (P.gather(2, cols[:, None, :].expand(H, m, -1)) * cv[:, None, :]).sum(-1)
+                    if diags.shape[1]:
+                        cset = torch.zeros(H, Tk, dtype=torch.bool)
+                        cset[hh.expand_as(cols)[cv], cols[cv]] = True
+                        keys = pos[None, :, None] - diags[:, None, :]  # [H, m, ns]
+                        kc = keys.clamp(min=0)
+                        ok = (keys >= 0) & ~inblk[kc // BLOCK] & ~cset.gather(1, kc.view(H, -1)).view_as(kc)
+                        mc = mc + (P.gather(2, kc) * ok).sum(-1)
+                    rec[:, ci] += (Pl + mc).clamp(max=1.0).sum(-1).double()
+            nq += m
         return rec / max(nq, 1)
 
 
