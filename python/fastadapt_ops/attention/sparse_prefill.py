@@ -37,8 +37,8 @@ from .block_sparse import (
 )
 
 __all__ = ["SparsePrefill", "enable_sparse_prefill", "disable_sparse_prefill", "uniform_config",
-           "load_config", "save_config", "tune_sparse", "CANDIDATES", "add_sparse_prefill_args",
-           "apply_sparse_prefill", "add_tune_sparse_subcommand"]
+           "load_config", "save_config", "tune_sparse", "recall_table", "select_config", "CANDIDATES",
+           "add_sparse_prefill_args", "apply_sparse_prefill", "add_tune_sparse_subcommand"]
 
 # candidate patterns of the search, cheapest first within a pattern
 CANDIDATES: List[dict] = (
@@ -209,11 +209,10 @@ class _Recall:
         return rec / max(nq, 1)
 
 
-def tune_sparse(model, ids: Sequence[int], target_recall: float = 0.95, sample_blocks: int = 16,
-                candidates: Optional[Sequence[dict]] = None, min_len: int = 2048,
-                progress=None) -> dict:
-    """Per-head pattern search on one text (token ids, prefilled densely once)."""
-    c = model.config
+def recall_table(model, ids: Sequence[int], sample_blocks: int = 16,
+                 candidates: Optional[Sequence[dict]] = None) -> dict:
+    """One dense prefill of ``ids`` measuring every candidate's recall per (layer, head):
+    ``{"recall": [n_layers] of [H, n_candidates] tensors, "candidates", "tokens", "seconds"}``."""
     ids = list(ids)[: model.max_ctx]
     hook = _Recall(candidates or CANDIDATES, sample_blocks)
     old = model.prefill_attention
@@ -223,15 +222,19 @@ def tune_sparse(model, ids: Sequence[int], target_recall: float = 0.95, sample_b
         model.prefill(ids)
     finally:
         model.prefill_attention = old
-    T = len(ids)
-    layers = []
-    costs = []
-    for li in range(c.n_layers):
-        rec = hook.recall[li]
+    return {"recall": [hook.recall[li] for li in range(model.config.n_layers)], "candidates": hook.candidates,
+            "tokens": len(ids), "sample_blocks": sample_blocks, "seconds": time.perf_counter() - t0}
+
+
+def select_config(table: dict, target_recall: float, min_len: int = 2048) -> dict:
+    """Each head's cheapest candidate whose recall reaches ``target_recall`` (else dense)."""
+    T = table["tokens"]
+    layers, costs = [], []
+    for rec in table["recall"]:
         heads = []
-        for h in range(c.n_heads):
+        for h in range(rec.shape[0]):
             best = {"pattern": "dense", "recall": 1.0, "cost": 1.0}
-            for ci, cand in enumerate(hook.candidates):
+            for ci, cand in enumerate(table["candidates"]):
                 cost = head_cost(cand, T)
                 r = float(rec[h, ci])
                 if r >= target_recall and cost < best["cost"] * 0.999:
@@ -240,8 +243,14 @@ def tune_sparse(model, ids: Sequence[int], target_recall: float = 0.95, sample_b
             costs.append(best["cost"])
         layers.append(heads)
     return {"version": 1, "block": BLOCK, "min_len": int(min_len), "target_recall": target_recall,
-            "tuned_tokens": T, "sample_blocks": sample_blocks, "mean_cost": sum(costs) / len(costs),
-            "seconds": round(time.perf_counter() - t0, 1), "layers": layers}
+            "tuned_tokens": T, "sample_blocks": table["sample_blocks"], "mean_cost": sum(costs) / len(costs),
+            "seconds": round(table["seconds"], 1), "layers": layers}
+
+
+def tune_sparse(model, ids: Sequence[int], target_recall: float = 0.95, sample_blocks: int = 16,
+                candidates: Optional[Sequence[dict]] = None, min_len: int = 2048) -> dict:
+    """Per-head pattern search on one text (token ids, prefilled densely once)."""
+    return select_config(recall_table(model, ids, sample_blocks, candidates), target_recall, min_len)
 
 
 # ---- CLI ----------------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> dict:
         disable_sparse_prefill,
         enable_sparse_prefill,
         load_config,
-        tune_sparse,
+        recall_table,
+        select_config,
         uniform_config,
     )
     from fastadapt_ops.models import load
@@ -128,11 +129,13 @@ def run(args: argparse.Namespace) -> dict:
         settings.append((f"tuned ({args.config})", cfg, base_cmd + f" --config {args.config}"))
     else:
         tune_ids = tok.encode(stdlib_text(TUNE_MODULES))[: (512 if args.quick else args.tune_tokens)]
-        for tgt in (float(x) for x in args.targets.split(",") if x):
-            cfg = tune_sparse(model, tune_ids, target_recall=tgt, min_len=min_len)
+        targets = [float(x) for x in args.targets.split(",") if x]
+        table = recall_table(model, tune_ids) if targets else None  # one search serves every target
+        for tgt in targets:
+            cfg = select_config(table, tgt, min_len=min_len)
             tune_info[tgt] = {"seconds": cfg["seconds"], "mean_cost": cfg["mean_cost"]}
-            print(f"tuned at recall {tgt} on {len(tune_ids)} tokens in {cfg['seconds']} s: mean head cost "
-                  f"{cfg['mean_cost']:.3f}", flush=True)
+            print(f"tuned at recall {tgt} on {len(tune_ids)} tokens ({cfg['seconds']} s search): mean head "
+                  f"cost {cfg['mean_cost']:.3f}", flush=True)
             settings.append((f"tuned recall {tgt}", cfg, base_cmd + f" --targets {tgt} --uniform ''"))
     for spec in (s for s in args.uniform.split(",") if s):
         cfg = uniform_config(c.n_layers, c.n_heads, _uniform(spec), min_len=min_len)
