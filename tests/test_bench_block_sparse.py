@@ -16,7 +16,8 @@ def keep_threads():
 def test_bench_block_sparse_quick(tmp_path, keep_threads):
     from fastadapt_ops.bench import block_sparse
 
-    args = block_sparse.make_parser().parse_args(["--quick", "--min-time", "0.001", "--out", str(tmp_path)])
+    args = block_sparse.make_parser().parse_args(["--quick", "--threads", "1", "--min-time", "0.001",
+                                                  "--out", str(tmp_path)])
     res = block_sparse.run(args)
     ops = [r["op"] for r in res["rows"]]
     assert ops[0].startswith("sdpa causal") and "block_sparse dense layout" in ops
@@ -41,7 +42,7 @@ def test_bench_sparse_prefill_quick(tmp_path, keep_threads, smollm2_gguf_path):
     from fastadapt_ops.bench import sparse_prefill
 
     args = sparse_prefill.make_parser().parse_args(
-        ["--model", smollm2_gguf_path, "--quick", "--targets", "0.9", "--uniform", "ashape:1:2",
+        ["--model", smollm2_gguf_path, "--quick", "--threads", "1", "--targets", "0.9", "--uniform", "ashape:1:2",
          "--greedy", "2", "--out", str(tmp_path)])
     res = sparse_prefill.run(args)
     dense, tuned, uni = res["rows"]

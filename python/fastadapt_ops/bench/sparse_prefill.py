@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> dict:
     tokens = 640 if args.quick else args.tokens
     cont_n = 64 if args.quick else args.continuation
     min_len = 256 if args.quick else 2048
-    model = load(args.model, threads=args.threads, max_ctx=max(tokens, args.tune_tokens) + 64)
+    tune_len = 512 if args.quick else args.tune_tokens
+    model = load(args.model, threads=args.threads, max_ctx=max(tokens, tune_len) + 64)
     model.configure_kv(None, max_batch=2)  # room for the greedy fork
     tok = model.tokenizer
     ids = tok.encode(stdlib_text(EVAL_MODULES))[:tokens]
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
         cfg = load_config(args.config)
         settings.append((f"tuned ({args.config})", cfg, base_cmd + f" --config {args.config}"))
     else:
-        tune_ids = tok.encode(stdlib_text(TUNE_MODULES))[: (512 if args.quick else args.tune_tokens)]
+        tune_ids = tok.encode(stdlib_text(TUNE_MODULES))[:tune_len]
         targets = [float(x) for x in args.targets.split(",") if x]
         table = recall_table(model, tune_ids) if targets else None  # one search serves every target
         for tgt in targets:
