@@ -64,8 +64,9 @@ inline BsScratch bs_carve(float* s, int64_t D) {
 #if defined(__AVX2__)
 // St[j][m] = sum_d K[j][d] Qt[d][m] for JR keys (rows ks apart) and queries m < Mc (Mc % 16 == 0).
 template <int JR>
-inline void bs_qk_jr(const float* K, int64_t ks, const float* Qt, int64_t D, int64_t Mc, float* St) {
-  for (int64_t m0 = 0; m0 < Mc; m0 += 16) {
+inline void bs_qk_jr(const float* K, int64_t ks, const float* Qt, int64_t D, int64_t m_begin, int64_t Mc,
+                     float* St) {
+  for (int64_t m0 = m_begin; m0 < Mc; m0 += 16) {
     __m256 c0[JR], c1[JR];
 #pragma GCC unroll 8
     for (int jj = 0; jj < JR; ++jj) {
@@ -132,47 +133,59 @@ inline void bs_pv_mr(const float* P, int64_t nb, const float* V, int64_t vs, int
 }
 #endif
 
-// St[j][m] = K[j] . Q[m] (pre-scaled) for j < nb, m < Mc.
+// A tile needs no causal limit: every key may be seen by every query.
+constexpr int64_t kNoCausal = int64_t{1} << 40;
+
+// St[j][m] = K[j] . Q[m] (pre-scaled) for j < nb, m < Mc. Causal tiles (query m sees key j iff
+// j <= m + d0) skip the entries no query sees; the caller masks them (-inf) afterwards.
 inline void bs_qk_tile(const float* K, int64_t ks, int64_t nb, const float* Qt, int64_t D, int64_t Mc,
-                       float* St) {
+                       float* St, int64_t d0 = kNoCausal) {
 #if defined(__AVX2__)
+  // first 16-query chunk in which some query sees key j: smallest m0 with m0 + 15 + d0 >= j
+  auto mb = [&](int64_t j) { return j - d0 <= 0 ? int64_t{0} : (j - d0) / 16 * 16; };
   int64_t j = 0;
-  for (; j + 6 <= nb; j += 6) bs_qk_jr<6>(K + j * ks, ks, Qt, D, Mc, St + j * kB);
+  for (; j + 6 <= nb; j += 6) bs_qk_jr<6>(K + j * ks, ks, Qt, D, mb(j), Mc, St + j * kB);
   switch (nb - j) {
-    case 5: bs_qk_jr<5>(K + j * ks, ks, Qt, D, Mc, St + j * kB); break;
-    case 4: bs_qk_jr<4>(K + j * ks, ks, Qt, D, Mc, St + j * kB); break;
-    case 3: bs_qk_jr<3>(K + j * ks, ks, Qt, D, Mc, St + j * kB); break;
-    case 2: bs_qk_jr<2>(K + j * ks, ks, Qt, D, Mc, St + j * kB); break;
-    case 1: bs_qk_jr<1>(K + j * ks, ks, Qt, D, Mc, St + j * kB); break;
+    case 5: bs_qk_jr<5>(K + j * ks, ks, Qt, D, mb(j), Mc, St + j * kB); break;
+    case 4: bs_qk_jr<4>(K + j * ks, ks, Qt, D, mb(j), Mc, St + j * kB); break;
+    case 3: bs_qk_jr<3>(K + j * ks, ks, Qt, D, mb(j), Mc, St + j * kB); break;
+    case 2: bs_qk_jr<2>(K + j * ks, ks, Qt, D, mb(j), Mc, St + j * kB); break;
+    case 1: bs_qk_jr<1>(K + j * ks, ks, Qt, D, mb(j), Mc, St + j * kB); break;
     default: break;
   }
 #else
   for (int64_t j = 0; j < nb; ++j) {
     float* sj = St + j * kB;
-    for (int64_t m = 0; m < Mc; ++m) sj[m] = 0.f;
+    const int64_t m_lo = std::min(Mc, std::max<int64_t>(0, j - d0));
+    for (int64_t m = m_lo; m < Mc; ++m) sj[m] = 0.f;
     const float* kj = K + j * ks;
     for (int64_t d = 0; d < D; ++d) {
       const float kd = kj[d];
       const float* qd = Qt + d * kB;
 #pragma omp simd
-      for (int64_t m = 0; m < Mc; ++m) sj[m] += kd * qd[m];
+      for (int64_t m = m_lo; m < Mc; ++m) sj[m] += kd * qd[m];
     }
   }
 #endif
 }
 
-// O[m] += sum_j P[j][m] V[j] for m < Mc (V rows vs apart).
+// O[m] += sum_j P[j][m] V[j] for m < Mc (V rows vs apart). Causal tiles (see bs_qk_tile) stop
+// each group of queries at the last key it sees (the rest of P is exactly 0).
 inline void bs_pv_tile(const float* P, int64_t nb, const float* V, int64_t vs, int64_t D, int64_t Mc,
-                       float* O) {
+                       float* O, int64_t d0 = kNoCausal) {
 #if defined(__AVX2__)
+  auto ne = [&](int64_t m, int64_t mr) {
+    const int64_t e = m + mr + d0;
+    return e < 0 ? int64_t{0} : (e > nb ? nb : e);
+  };
   int64_t m = 0;
-  for (; m + 6 <= Mc; m += 6) bs_pv_mr<6>(P, nb, V, vs, D, O, m);
+  for (; m + 6 <= Mc; m += 6) bs_pv_mr<6>(P, ne(m, 6), V, vs, D, O, m);
   switch (Mc - m) {
-    case 5: bs_pv_mr<5>(P, nb, V, vs, D, O, m); break;
-    case 4: bs_pv_mr<4>(P, nb, V, vs, D, O, m); break;
-    case 3: bs_pv_mr<3>(P, nb, V, vs, D, O, m); break;
-    case 2: bs_pv_mr<2>(P, nb, V, vs, D, O, m); break;
-    case 1: bs_pv_mr<1>(P, nb, V, vs, D, O, m); break;
+    case 5: bs_pv_mr<5>(P, ne(m, 5), V, vs, D, O, m); break;
+    case 4: bs_pv_mr<4>(P, ne(m, 4), V, vs, D, O, m); break;
+    case 3: bs_pv_mr<3>(P, ne(m, 3), V, vs, D, O, m); break;
+    case 2: bs_pv_mr<2>(P, ne(m, 2), V, vs, D, O, m); break;
+    case 1: bs_pv_mr<1>(P, ne(m, 1), V, vs, D, O, m); break;
     default: break;
   }
 #else
@@ -311,15 +324,17 @@ inline void bs_attn_row(const BsAttnArgs& a, const BsRow& row, const BsScratch& 
     const int64_t ks0 = c * kB;
     if (ks0 > p_last) continue;  // above the causal diagonal for every query of the block
     const int64_t nb = std::min(kB, Tk - ks0);
-    bs_qk_tile(kh + ks0 * ks, ks, nb, sc.qt, D, Mc, St);
-    if (ks0 + nb - 1 > p_first) {  // the tile crosses the diagonal: causal mask
+    const bool diag = ks0 + nb - 1 > p_first;  // the tile crosses the diagonal
+    const int64_t d0 = diag ? p_first - ks0 : kNoCausal;  // query m sees key j iff j <= m + d0
+    bs_qk_tile(kh + ks0 * ks, ks, nb, sc.qt, D, Mc, St, d0);
+    if (diag) {  // causal mask
       for (int64_t j = 0; j < nb; ++j) {
         const int64_t m_min = ks0 + j - off - i0;  // first query (index in block) that sees key j
         for (int64_t m = 0; m < std::min(m_min, Mc); ++m) St[j * kB + m] = kBsNegInf;
       }
     }
     bs_softmax_tile(St, nb, Mc, sc.mx, sc.l, sc.alpha, sc.o, D);
-    bs_pv_tile(St, nb, vh + ks0 * ks, ks, D, Mc, sc.o);
+    bs_pv_tile(St, nb, vh + ks0 * ks, ks, D, Mc, sc.o, d0);
   }
   // vertical columns outside the listed blocks, gathered 64 at a time
   const int32_t* cols = nullptr;
