@@ -241,8 +241,6 @@ def test_vertical_slash_layout_contents():
     q, k, v = _qkv(T, Tk, 3, 1, 32, seed=6)
     L = BlockSparseLayout.vertical_slash(q, k, n_vertical=[10, 20, 30], n_slash=[5, 0, 12])
     vert, slash = vertical_slash_scores(q, k)
-    for h, (nv, ns) in enumerate([(10, 20), (20, 0), (30, 12)]):
-        pass
     for h, nv in enumerate([10, 20, 30]):
         cols = L.cols[L.col_indptr[h]:L.col_indptr[h + 1]]
         assert len(cols) == nv and torch.all(cols[:4] == torch.arange(4))
