@@ -84,6 +84,25 @@ TORCH_LIBRARY(fastadapt, m) {
   // ---- lookup-table low-bit linear (lut helper) ----------------------------------------------
 
   // ---- block-sparse prefill attention (sparse helper) ----------------------------------------
+  // Causal GQA attention of q [N_q, H_q, D] over k, v [N_k, H_kv, D] under a sparse layout
+  // (python/fastadapt_ops/ops/block_sparse.py). Sequences: q_indptr / k_indptr [B + 1] (None: one);
+  // a sequence's queries are its last q_len keys. Layout: int32 BSR over 64 x 64 blocks, rows
+  // ordered (sequence, q head, query block): row_ptr [rows + 1], col_idx key blocks (sorted);
+  // optional per (sequence, q head) key columns (col_indptr [B H_q + 1], cols) and diagonal
+  // offsets (diag_indptr, diags: key = query position - o). Union of all three, causal, no key
+  // counted twice. Returns (out [N_q, H_q, D] q's dtype, lse [N_q, H_q] fp32 natural log, -inf
+  // and out 0 where a query sees no key). scale None = 1/sqrt(D).
+  m.def(
+      "block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor row_ptr, Tensor col_idx, "
+      "Tensor? q_indptr=None, Tensor? k_indptr=None, Tensor? col_indptr=None, Tensor? cols=None, "
+      "Tensor? diag_indptr=None, Tensor? diags=None, float? scale=None) -> (Tensor, Tensor)");
+  // Vertical-slash estimator of one sequence (q [T, H_q, D], k [T_k, H_kv, D]): softmax rows of
+  // the last last_q queries; vert[h, j] = their mass on key j, slash[h, o] = their mass on
+  // diagonal o (key = position - o). Returns (vert, slash), both [H_q, T_k] fp32.
+  m.def("vertical_slash_scores(Tensor q, Tensor k, int last_q=64, float? scale=None) -> (Tensor, Tensor)");
+  // Block top-k estimator of one sequence: scale * mean(q block r) . mean(k block c) over 64-token
+  // blocks, -inf for key blocks starting after the block's last query. [H_q, nqb, nkb] fp32.
+  m.def("block_pool_scores(Tensor q, Tensor k, float? scale=None) -> Tensor");
 
   // ---- confidence measures for adaptive decoding (spec helper) --------------------------------
 

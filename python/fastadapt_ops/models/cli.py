@@ -87,6 +87,9 @@ def cmd_generate(args) -> int:
     _threads(args)
     model = load(args.model, threads=args.threads, quantize=args.quantize, group_size=args.group_size)
     _configure_runner(model, args)
+    from ..attention.sparse_prefill import apply_sparse_prefill  # block-sparse long prefills
+
+    apply_sparse_prefill(model, args)
     stream = None
     if not args.json:
         stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
@@ -220,6 +223,9 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _add_quantize_args(g)
     _add_kv_args(g)
+    from ..attention.sparse_prefill import add_sparse_prefill_args, add_tune_sparse_subcommand
+
+    add_sparse_prefill_args(g)
     g.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("perplexity", help="perplexity of a text file")
@@ -241,6 +247,8 @@ def add_subcommands(subparsers) -> None:
     d.add_argument("--threads", type=int, default=None)
     d.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     d.set_defaults(func=cmd_demo)
+
+    add_tune_sparse_subcommand(subparsers)
 
 
 def main(argv=None) -> int:

@@ -204,6 +204,9 @@ class LlamaModel:
         self.kv_dtype: Optional[torch.dtype] = None  # KV page dtype (None: self.dtype)
         self.kv_policy = None  # fastadapt_ops.kv.policies.Policy or None (keep everything)
         self._evict_due = 0  # decode steps since the last eviction check
+        # prefill attention override: f(model, li, q, k, v, positions, seqs) -> [N, H_q, D] or None
+        # (None: the paged attention below); e.g. block-sparse prefill (attention/sparse_prefill.py)
+        self.prefill_attention = None
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -375,7 +378,12 @@ class LlamaModel:
             kv.append_decode(li, seqs, k, v)  # decode: no re-checks per layer
         else:
             kv.append(li, seqs, k, v)  # [B*T, nkv, hd] into this layer's pages
-        o = self._attend(li, q, hd ** -0.5, seqs).reshape(N, nq)  # causal among each row's new tokens
+        o = None
+        if T > 1 and self.prefill_attention is not None:  # K/V are in the pages either way
+            o = self.prefill_attention(self, li, q, k, v, positions, seqs)
+        if o is None:
+            o = self._attend(li, q, hd ** -0.5, seqs)  # causal among each row's new tokens
+        o = o.reshape(N, nq)
         h = rms_norm(self._mm(o, L.wo, L.bo), L.ffn_norm, eps, x)  # x += attn out; h = norm(x)
         gu = self._mm(h, L.wgu)  # [T, 2 ffn]
         a = silu_mul(gu)  # silu(gate) * up: [T, ffn]

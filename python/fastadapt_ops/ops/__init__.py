@@ -16,3 +16,4 @@ from .tokens import (  # noqa: F401
     prune_tokens,
     unmerge_tokens,
 )
+from .block_sparse import block_pool_scores, block_sparse_attention, vertical_slash_scores  # noqa: F401
