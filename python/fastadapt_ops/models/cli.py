@@ -82,6 +82,9 @@ def cmd_generate(args) -> int:
     _threads(args)
     model = load(args.model, threads=args.threads, quantize=args.quantize, group_size=args.group_size)
     _configure_runner(model, args)
+    from ..decoding import cli as dcli  # --best-of / --switch (their own loops)
+    if dcli.wants(args):
+        return dcli.run(model, args)
     stream = None
     if not args.json:
         stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
@@ -215,6 +218,8 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _add_quantize_args(g)
     _add_kv_args(g)
+    from ..decoding import cli as dcli
+    dcli.add_args(g)
     g.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("perplexity", help="perplexity of a text file")

@@ -16,3 +16,4 @@ from .tokens import (  # noqa: F401
     prune_tokens,
     unmerge_tokens,
 )
+from .moe import moe_combine, moe_grouped_qlinear, moe_route  # noqa: F401
