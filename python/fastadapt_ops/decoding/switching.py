@@ -1,8 +1,10 @@
 """Entropy-adaptive switching between two variants of one model (Entropy-Adaptive Decoding).
 
 The variants are two runners over the same tokenizer: the stored model ("full") and a cheaper
-one ("cheap"), by default the same checkpoint with every block matrix re-quantized by RTN to
-``bits`` (:func:`make_cheap_variant`). Each token is produced by the active variant; the
+one ("cheap", :func:`make_cheap_variant`): the same checkpoint with its block matrices
+re-quantized by RTN to fewer bits, and/or with some blocks dropped (the CLI default drops every
+other block from block 10 on: on this CPU the qlinear kernels are compute-bound, so fewer bits
+per weight alone did not decode faster, while fewer blocks do). Each token is produced by the active variant; the
 rolling mean entropy (natural log) of its next-token distributions over the last ``window``
 tokens drives the switch, with hysteresis so it does not flap:
 
@@ -25,7 +27,7 @@ import torch
 from ..models.generate import sample_next
 from ..quant import QuantizedWeight, quantize_weight
 
-__all__ = ["make_cheap_variant", "switch_generate", "SwitchResult", "entropy",
+__all__ = ["make_cheap_variant", "parse_layers", "switch_generate", "SwitchResult", "entropy",
            "add_switch_args", "run_switch"]
 
 
@@ -45,29 +47,55 @@ def _requant(w, bits: int, group_size: int):
     return quantize_weight(w.float(), bits=bits, group_size=gs)
 
 
-def make_cheap_variant(model, bits: int = 3, group_size: int = 64, head_bits: Optional[int] = None):
-    """A copy of ``model`` whose block matrices are re-quantized (RTN, asymmetric, fp16 scales) to
-    ``bits`` (2, 3, 4 or 8) with ``group_size`` values per scale; the LM head too when
-    ``head_bits`` is given (else shared). Norms, embeddings and the tokenizer are shared; the copy
-    has its own KV cache."""
+def make_cheap_variant(model, bits: Optional[int] = 3, group_size: int = 64, head_bits: Optional[int] = None,
+                       layers: Union[None, int, Sequence[int]] = None):
+    """A cheaper copy of ``model``: its block matrices re-quantized (RTN, asymmetric, fp16 scales)
+    to ``bits`` (2, 3, 4 or 8; None keeps the stored weights) with ``group_size`` values per
+    scale, the LM head too when ``head_bits`` is given, and optionally only some of its blocks
+    (``layers``: the first L, or a list of block indices, e.g. dropping every other late block).
+    Norms, embeddings and the tokenizer are shared (so are the kept blocks' weights when bits is
+    None); the copy has its own KV cache."""
     from ..models.llama import _Layer
 
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"make_cheap_variant: bits must be 2, 3, 4 or 8, got {bits!r}")
+    if bits is not None and bits not in (2, 3, 4, 8):
+        raise ValueError(f"make_cheap_variant: bits must be 2, 3, 4, 8 or None, got {bits!r}")
+    n = len(model.layers)
+    keep = list(range(n)) if layers is None else list(range(int(layers))) if isinstance(layers, int) \
+        else [int(i) for i in layers]
+    if not keep or any(not 0 <= i < n for i in keep) or sorted(set(keep)) != keep:
+        raise ValueError(f"make_cheap_variant: layers must be 1..{n} or increasing block indices in [0, {n}), "
+                         f"got {layers!r}")
     cheap = copy.copy(model)
     cheap._kv, cheap._seq, cheap.pos, cheap.attend_hook = None, None, 0, None
-    layers = []
-    for L in model.layers:
+    cheap.config = copy.copy(model.config)
+    cheap.config.n_layers = len(keep)
+    out = []
+    for i in keep:
+        L = model.layers[i]
         N = _Layer()
         for name in _Layer.__slots__:
             setattr(N, name, getattr(L, name))
-        N.wqkv, N.wo = _requant(L.wqkv, bits, group_size), _requant(L.wo, bits, group_size)
-        N.wgu, N.wdown = _requant(L.wgu, bits, group_size), _requant(L.wdown, bits, group_size)
-        layers.append(N)
-    cheap.layers = layers
+        if bits is not None:
+            N.wqkv, N.wo = _requant(L.wqkv, bits, group_size), _requant(L.wo, bits, group_size)
+            N.wgu, N.wdown = _requant(L.wgu, bits, group_size), _requant(L.wdown, bits, group_size)
+        out.append(N)
+    cheap.layers = out
     if head_bits is not None:
         cheap.lm_head = _requant(model.lm_head, head_bits, group_size)
     return cheap
+
+
+def parse_layers(spec: Optional[str], n_layers: int):
+    """``--switch-layers``: None, "L" (the first L blocks), "a,b,c" (block indices) or
+    "drop-odd:S" (every block below S, then every other block from S on)."""
+    if spec is None or spec == "":
+        return None
+    if spec.startswith("drop-odd:"):
+        s = int(spec.split(":", 1)[1])
+        return [i for i in range(n_layers) if i < s or (i - s) % 2 == 0]
+    if "," in spec:
+        return [int(v) for v in spec.split(",")]
+    return int(spec)
 
 
 @dataclasses.dataclass
@@ -176,8 +204,11 @@ def add_switch_args(parser) -> None:
     g = parser.add_argument_group("entropy-adaptive switching")
     g.add_argument("--switch", choices=("entropy",), default=None,
                    help="switch per token between the model and a cheaper re-quantization by rolling entropy")
-    g.add_argument("--switch-bits", type=int, default=3, choices=(2, 3, 4, 8),
-                   help="bits of the cheap variant (RTN re-quantization of the block matrices)")
+    g.add_argument("--switch-bits", type=int, default=0, choices=(0, 2, 3, 4, 8),
+                   help="bits of the cheap variant (RTN re-quantization of the block matrices; 0 keeps them)")
+    g.add_argument("--switch-layers", default="drop-odd:10",
+                   help="blocks of the cheap variant: L (the first L), a,b,c, or drop-odd:S (every other "
+                        "block from S on); '' keeps all")
     g.add_argument("--switch-thresholds", type=_thresholds, default=(1.0, 2.5), metavar="LO,HI",
                    help="rolling entropy (nats) below LO switches to the cheap variant, above HI back")
     g.add_argument("--switch-window", type=int, default=4, help="tokens in the rolling entropy")
@@ -188,7 +219,8 @@ def run_switch(model, args) -> int:
     import json
     import sys
 
-    cheap = make_cheap_variant(model, bits=args.switch_bits)
+    cheap = make_cheap_variant(model, bits=args.switch_bits or None,
+                               layers=parse_layers(args.switch_layers, len(model.layers)))
     lo, hi = args.switch_thresholds
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     r = switch_generate(model, cheap, model.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, lo=lo,
@@ -198,7 +230,8 @@ def run_switch(model, args) -> int:
         print(json.dumps(r.to_dict()))
     else:
         print()
-        print(f"[{len(r.tokens)} tokens, {100 * r.cheap_fraction:.0f}% on the int{args.switch_bits} variant, "
+        print(f"[{len(r.tokens)} tokens, {100 * r.cheap_fraction:.0f}% on the cheap variant "
+              f"({len(cheap.layers)} blocks, {'int%d' % args.switch_bits if args.switch_bits else 'stored weights'}), "
               f"{r.switches} switches, {r.catchup_tokens} catch-up tokens; "
               f"{r.decode_tokens_per_s:.1f} tok/s decode]", file=sys.stderr)
     return 0
