@@ -107,4 +107,24 @@ TORCH_LIBRARY(fastadapt, m) {
   // ---- confidence measures for adaptive decoding (spec helper) --------------------------------
 
   // ---- mixture-of-experts routing (bon helper) ------------------------------------------------
+  // AdaMoE routing over E real + num_null null experts. logits [T, E + num_null] (real experts
+  // first): p = softmax over all, the top_k largest per token (lower index first on ties); with
+  // renormalize the real choices' weights are divided by their sum (AdaMoE; null choices get 0,
+  // a token choosing only nulls gets nothing), else they stay softmax probabilities. Null experts
+  // produce nothing and get no row. Returns (token_ids [T*top_k] int32: grouped rows, by expert
+  // then token, -1 past offsets[E]; expert_offsets [E + 1] int32; row_weights [T*top_k] fp32;
+  // topk_ids [T, top_k] int32, null ids >= E kept; topk_rows [T, top_k] int32: each choice's
+  // grouped row, -1 for a null expert).
+  m.def("moe_route(Tensor logits, int top_k, int num_null, bool renormalize=True) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Grouped quantized linear over per-expert weights qdata [E, N, row_bytes] (scales / zeros
+  // [E, N, groups]; qlinear formats): row p of the [P, N] result is x[token_ids[p]] . W[e]^T for
+  // the expert e whose segment [offsets[e], offsets[e + 1]) holds p; rows from offsets[E] on are 0.
+  // token_ids None: x [P, K] is already grouped. fp32 accumulate, x's dtype out.
+  m.def(
+      "moe_grouped_qlinear(Tensor x, Tensor qdata, Tensor? scales, Tensor? zeros, str fmt, "
+      "int in_features, int group_size, Tensor expert_offsets, Tensor? token_ids=None) -> Tensor");
+  // Weighted combine back to tokens: out[t] = sum_j row_weights[r] * y[r], r = topk_rows[t, j]
+  // (-1 skipped, j ascending). y [P, N] -> out [T, N] in y's dtype, fp32 sums.
+  m.def("moe_combine(Tensor y, Tensor row_weights, Tensor topk_rows) -> Tensor");
 }

@@ -90,6 +90,9 @@ def cmd_generate(args) -> int:
     from ..attention.sparse_prefill import apply_sparse_prefill  # block-sparse long prefills
 
     apply_sparse_prefill(model, args)
+    from ..decoding import cli as dcli  # --best-of / --switch (their own loops)
+    if dcli.wants(args):
+        return dcli.run(model, args)
     stream = None
     if not args.json:
         stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
@@ -226,6 +229,8 @@ def add_subcommands(subparsers) -> None:
     from ..attention.sparse_prefill import add_sparse_prefill_args, add_tune_sparse_subcommand
 
     add_sparse_prefill_args(g)
+    from ..decoding import cli as dcli
+    dcli.add_args(g)
     g.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("perplexity", help="perplexity of a text file")

@@ -207,6 +207,9 @@ class LlamaModel:
         # prefill attention override: f(model, li, q, k, v, positions, seqs) -> [N, H_q, D] or None
         # (None: the paged attention below); e.g. block-sparse prefill (attention/sparse_prefill.py)
         self.prefill_attention = None
+        # attend_hook(model, li, q, scale, seqs) -> out or None: replaces the paged attention of a
+        # step (e.g. prefix-shared attention for forked samples); None falls through to it
+        self.attend_hook = None
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -276,6 +279,10 @@ class LlamaModel:
         """Paged attention of ``q [B*T, H_q, D]`` (the newest T tokens of each of the B sequences
         ``seqs``, sequence-major; default the current one) over layer ``li``: ``[B*T, H_q, D]``.
         Feeds the score pool the way the policy asks (see ``fastadapt_ops.kv.policies``)."""
+        if self.attend_hook is not None:
+            o = self.attend_hook(self, li, q, scale, seqs)
+            if o is not None:
+                return o
         kv, pol = self._kv, self.kv_policy
         seqs = [self._seq] if seqs is None else seqs
         B = len(seqs)

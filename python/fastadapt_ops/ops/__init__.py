@@ -17,3 +17,4 @@ from .tokens import (  # noqa: F401
     unmerge_tokens,
 )
 from .block_sparse import block_pool_scores, block_sparse_attention, vertical_slash_scores  # noqa: F401
+from .moe import moe_combine, moe_grouped_qlinear, moe_route  # noqa: F401
