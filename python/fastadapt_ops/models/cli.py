@@ -82,6 +82,9 @@ def cmd_generate(args) -> int:
     _threads(args)
     model = load(args.model, threads=args.threads, quantize=args.quantize, group_size=args.group_size)
     _configure_runner(model, args)
+    from ..decoding.cli import run_decoding  # --early-exit / --speculate (decoding/cli.py)
+    if run_decoding(args, model):
+        return 0
     stream = None
     if not args.json:
         stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
@@ -215,6 +218,8 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _add_quantize_args(g)
     _add_kv_args(g)
+    from ..decoding.cli import add_decoding_args
+    add_decoding_args(g)
     g.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("perplexity", help="perplexity of a text file")

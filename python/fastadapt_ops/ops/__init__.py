@@ -16,3 +16,4 @@ from .tokens import (  # noqa: F401
     prune_tokens,
     unmerge_tokens,
 )
+from .confidence import hidden_cosine, logit_confidence  # noqa: F401
