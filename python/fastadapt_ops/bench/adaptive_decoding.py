@@ -136,7 +136,11 @@ def exit_ppl(model, ids, dec) -> float:
     return math.exp(nll / (N - 1))
 
 
-def time_confidence(model) -> Dict[str, float]:
+def time_confidence(model, adapters=None, cand=None, layer: int = 24) -> Dict[str, float]:
+    """Per-check costs (us, one decode row): the confidence op against the torch code it replaces
+    on a full logits row, and the exit-check variants: full LM head + op, candidate head + op,
+    the exit adapter alone, and the saturation cosine."""
+    from ..decoding.confidence import ExitHead, confidence, saturation
     from .timer import time_fn
 
     x = torch.randn(1, model.config.vocab) * 3
@@ -147,9 +151,20 @@ def time_confidence(model) -> Dict[str, float]:
         ent = -(p * torch.log_softmax(lg, -1)).sum(-1)
         return top.values[:, 0], top.values[:, 0] - top.values[:, 1], ent, top.indices[:, 0]
 
-    op = time_fn(lambda: torch.ops.fastadapt.logit_confidence.default(x, 1.0), min_time_s=0.3).median_us
-    ref = time_fn(lambda: torch_way(x), min_time_s=0.3).median_us
-    return {"op_us": op, "torch_us": ref}
+    out = {"op_us": time_fn(lambda: torch.ops.fastadapt.logit_confidence.default(x, 1.0), min_time_s=0.3).median_us,
+           "torch_us": time_fn(lambda: torch_way(x), min_time_s=0.3).median_us}
+    h = torch.randn(1, model.config.hidden)
+    full = ExitHead(model, layer)
+    out["check_full_head_us"] = time_fn(lambda: confidence(full.logits(h, None)[0]), min_time_s=0.3).median_us
+    if cand is not None:
+        ch = ExitHead(model, layer, None, cand)
+        out["check_candidate_head_us"] = time_fn(lambda: confidence(ch.logits(h, None)[0]), min_time_s=0.3).median_us
+    if adapters is not None and adapters.get(layer) is not None:
+        a = adapters.get(layer)
+        out["adapter_us"] = time_fn(lambda: a(h), min_time_s=0.3).median_us
+    h2 = torch.randn(1, model.config.hidden)
+    out["saturation_us"] = time_fn(lambda: saturation(h, h2), min_time_s=0.3).median_us
+    return out
 
 
 def run(args) -> List[dict]:
@@ -241,10 +256,12 @@ def run(args) -> List[dict]:
                      "acceptance": sum(a["accr"]) / len(a["accr"]) if a["accr"] else None,
                      "draft_len": sum(a["dl"]) / len(a["dl"]) if a["dl"] else None,
                      "tokens": a["tok"], "command": cmd})
-    conf = time_confidence(model)
+    conf = time_confidence(model, adapters, cand, layer=max(exit_layers))
     print(results.text_table(rows, [(c, c) for c in COLUMNS if c != "command"]))
     print(f"logit_confidence [1, {model.config.vocab}]: {conf['op_us']:.1f} us vs torch softmax+topk+entropy "
-          f"{conf['torch_us']:.1f} us ({conf['torch_us'] / conf['op_us']:.1f}x); adapters fitted in {fit_s:.1f} s; "
+          f"{conf['torch_us']:.1f} us ({conf['torch_us'] / conf['op_us']:.1f}x); exit-check costs (us): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in conf.items() if k not in ("op_us", "torch_us"))
+          + f"; adapters fitted in {fit_s:.1f} s; "
           f"total {time.perf_counter() - t_all:.0f} s")
     if not args.no_write:
         meta = {"command": cmd, "environment": results.environment("cpu"), "threads": args.threads,
