@@ -4,7 +4,8 @@
                  [--exit-layers 8,12,...] [--exit-kv copy|recompute] [--exit-decay D]
     --speculate self --draft-layers L [--draft-len adaptive|heuristic|K] [--max-draft K]
     --draft-vocab N   (draft / exit checks read only the N most frequent vocabulary rows)
-    --adapters PATH|fit   (exit adapters: load, or fit on stdlib text and save beside the model)
+    --adapters PATH|fit|auto   (exit adapters: load; fit on stdlib text and save beside the model;
+                  or load the saved ones, fitting when missing)
     --compare         (plain decoding of the same prompt in the same run: speed-up, agreement)
 
 The JSON adds mean_layers_per_token, acceptance_rate, mean_draft_len and, with --compare,
@@ -40,7 +41,9 @@ def add_decoding_args(p) -> None:
                    help="SpecDec++ rule: stop drafting when P(some draft rejected) exceeds this")
     g.add_argument("--draft-vocab", type=int, default=0,
                    help="draft/exit-check head over the N most frequent tokens (0 = full vocabulary)")
-    g.add_argument("--adapters", default=None, help="exit adapters: a path to load, or 'fit'")
+    g.add_argument("--adapters", default=None,
+                   help="exit adapters: a path to load, 'fit' (fit on stdlib text, save beside the model), or "
+                        "'auto' (load the saved ones, fitting first when missing)")
     g.add_argument("--compare", action="store_true", help="also run plain decoding: speed-up and agreement")
 
 
@@ -74,7 +77,18 @@ def build_decoder(model, args, prompt_ids=()):
     if args.draft_vocab:
         cand = CandidateHead.from_text(model, stdlib_text(), size=args.draft_vocab, extra=list(prompt_ids))
     adapters = None
-    if args.adapters == "fit":
+    if args.adapters == "auto":  # the saved ones when they cover these layers, else fit and save
+        import os
+
+        from .adapters import default_path
+        path = default_path(model)
+        if os.path.exists(path):
+            adapters = ExitAdapters.load(path, model)
+            if not set(layers) <= set(adapters.layers):
+                adapters = None
+        if adapters is None:
+            adapters = fit_exit_adapters(model, layers, path=path)
+    elif args.adapters == "fit":
         adapters = fit_exit_adapters(model, layers)
     elif args.adapters:
         adapters = ExitAdapters.load(args.adapters, model)
