@@ -111,7 +111,7 @@ def test_logit_confidence_bad_input(args, match):
     (torch.randn(2, 4), torch.randn(2, 5), 1e-8, "b must match a"),
     (torch.randn(2, 4), torch.randn(2, 4).half(), 1e-8, "b must match a"),
     (torch.randn(2, 4).double(), torch.randn(2, 4).double(), 1e-8, "a must be float32"),
-    (torch.randn(2, 0), torch.randn(2, 0), 1e-8, "non-empty last"),
+    (torch.randn(2, 0), torch.randn(2, 0), 1e-8, "a must have a non-empty last"),
     (torch.randn(2, 4), torch.randn(2, 4), 0.0, "eps"),
 ])
 def test_hidden_cosine_bad_input(a, b, eps, match):
