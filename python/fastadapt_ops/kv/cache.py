@@ -27,7 +27,7 @@ Plan/run: ``plan(layer, seq_ids)`` materialises the int32 CSR tables (rows ``b *
 caches them until that layer's tables change; ``attend`` runs the paged attention on them.
 
 API: ``add_sequence() -> id``, ``free_sequence(id)``, ``fork(id) -> id``,
-``append(layer, ids, k, v, tokens_per_seq=None)``, ``attend(layer, ids, q, scale)``,
+``append(layer, ids, k, v, tokens_per_seq=None)``, ``truncate(id, length)``, ``attend(layer, ids, q, scale)``,
 ``keep(layer, id, idx_per_head, by="index"|"position")``, ``plan(layer, ids)``,
 ``gather(layer, id, head)``, ``gather_dense(layer, ids)``, ``row_scores``, ``reset_scores``,
 ``key_norms``, ``seq_len(id, layer, head)``, ``position(id)``, ``positions(id, layer, head)``,
@@ -206,6 +206,43 @@ class PagedKVCache:
             self.allocators[l].incref([p for row in s.rows[l] for p in row.pages])
             t.next_pos[l] = s.next_pos[l]
         return sid
+
+    def truncate(self, seq_id: int, length: int, layers: Optional[Sequence[int]] = None) -> None:
+        """Drop every token at logical position >= ``length`` from the sequence's rows (all layers,
+        or ``layers``) and free the pages nothing else holds; the layer's next position becomes
+        ``min(position, length)``. Speculative decoding rolls rejected draft tokens back with it.
+        A shared page that stays partially filled is copied on the next append, as after a fork."""
+        s = self._seq(seq_id)
+        if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+            raise ValueError(f"PagedKVCache.truncate: length must be a non-negative int, got {length!r}")
+        layers = range(self.num_layers) if layers is None else list(layers)
+        for l in layers:
+            self._check_layer(l)
+        S = self.page_size
+        for l in layers:
+            if s.next_pos[l] <= length:
+                continue
+            release = []
+            for row in s.rows[l]:
+                if row._tailn and not row._pos.numel():  # contiguous run only: no materialising
+                    keep = max(0, min(row.length, length - row._tail0))
+                else:
+                    keep = int(torch.searchsorted(row.pos, torch.tensor(length)))
+                if keep == row.length:
+                    continue
+                n_pages = -(-keep // S)
+                release.extend(row.pages[n_pages:])
+                del row.pages[n_pages:]
+                row.cap = None
+                if row._tailn and not row._pos.numel():
+                    row._tailn = keep
+                else:
+                    row.pos = row.pos[:keep]
+                row.length = keep
+            if release:
+                self.allocators[l].decref(release)
+            s.next_pos[l] = length
+            self._bump(l)
 
     def position(self, seq_id: int, layer: int = 0) -> int:
         """Next logical position of the sequence: tokens appended so far to ``layer`` (layer 0 by

@@ -88,11 +88,13 @@ def cmd_generate(args) -> int:
     model = load(args.model, threads=args.threads, quantize=args.quantize, group_size=args.group_size)
     _configure_runner(model, args)
     from ..attention.sparse_prefill import apply_sparse_prefill  # block-sparse long prefills
+    from ..decoding import cli as dcli  # adaptive decoding loops (decoding/cli.py)
 
     apply_sparse_prefill(model, args)
-    from ..decoding import cli as dcli  # --best-of / --switch (their own loops)
-    if dcli.wants(args):
-        return dcli.run(model, args)
+    if dcli.wants_sampling(args):  # --best-of / --switch
+        return dcli.run_sampling(model, args)
+    if dcli.run_decoding(args, model):  # --early-exit / --speculate
+        return 0
     stream = None
     if not args.json:
         stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
@@ -227,10 +229,11 @@ def add_subcommands(subparsers) -> None:
     _add_quantize_args(g)
     _add_kv_args(g)
     from ..attention.sparse_prefill import add_sparse_prefill_args, add_tune_sparse_subcommand
+    from ..decoding import cli as dcli
 
     add_sparse_prefill_args(g)
-    from ..decoding import cli as dcli
-    dcli.add_args(g)
+    dcli.add_decoding_args(g)
+    dcli.add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("perplexity", help="perplexity of a text file")

@@ -18,3 +18,4 @@ from .tokens import (  # noqa: F401
 )
 from .block_sparse import block_pool_scores, block_sparse_attention, vertical_slash_scores  # noqa: F401
 from .moe import moe_combine, moe_grouped_qlinear, moe_route  # noqa: F401
+from .confidence import hidden_cosine, logit_confidence  # noqa: F401
