@@ -266,8 +266,8 @@ def test_dispatch_backends(monkeypatch):
     qw.scales.mul_(2)
     assert L._cached_lut(qw, lambda: qw) is not lw1
     # auto: the table decides where the policy allows; "never" and exact calls go to qlinear
-    monkeypatch.setattr(L, "_table", lambda: {(2, 96, 256, 1): {"lut_us": 1.0, "qlinear_us": 2.0,
-                                                                "qlinear_int8_us": 2.0}})
+    table = {(2, 96, 256, 1): {"lut_us": 1.0, "qlinear_us": 2.0, "qlinear_int8_us": 2.0}}
+    monkeypatch.setattr(L, "_table", lambda: table)
     assert L.choose_backend(2, 100, 250, 1) == "lut" and L.choose_backend(2, 96, 256, 2) == "qlinear"
     assert L.choose_backend(3, 96, 256, 1) == "qlinear"
     torch.testing.assert_close(linear(x, qw, act_quant="int8"), L.lut_linear(x, L.to_lut(qw)), rtol=0, atol=0)

@@ -235,6 +235,19 @@ def _table():
     return lut_table.TABLE
 
 
+_choice_cache: dict = {}
+
+
+def _choose_cached(bits: int, N: int, K: int, M: int, act_quant: str) -> str:
+    key = (bits, N, K, M, act_quant, id(_table()))
+    c = _choice_cache.get(key)
+    if c is None:
+        if len(_choice_cache) > 4096:
+            _choice_cache.clear()
+        c = _choice_cache[key] = choose_backend(bits, N, K, M, act_quant)
+    return c
+
+
 def choose_backend(bits: int, N: int, K: int, M: int, act_quant: str = "int8") -> str:
     """``"lut"`` or ``"qlinear"`` for one call, from the measured table (nearest measured shape
     of the same bits; the smallest measured M >= M; qlinear beyond the largest measured M).
@@ -264,13 +277,13 @@ _CACHE_ATTR = "_fastadapt_lut_cache"
 
 def _cached_lut(owner, make_qw: Callable[[], QuantizedWeight]) -> LutWeight:
     """The LUT copy of ``owner``'s weight, converted once (re-done if the tensors changed)."""
-    qw = make_qw()
+    # owner is a QuantizedWeight or a QuantLinear: both hold qdata / scales / zeros
     key = tuple((t.data_ptr(), t._version, t.device) if t is not None else None
-                for t in (qw.qdata, qw.scales, qw.zeros))
+                for t in (owner.qdata, owner.scales, owner.zeros))
     hit = owner.__dict__.get(_CACHE_ATTR)
     if hit is not None and hit[0] == key:
         return hit[1]
-    lw = to_lut(qw)
+    lw = to_lut(make_qw())
     owner.__dict__[_CACHE_ATTR] = (key, lw)
     return lw
 
@@ -298,6 +311,6 @@ def dispatch(owner, make_qw: Callable[[], QuantizedWeight], fmt: str, N: int, K:
         if x.dim() < 1 or x.shape[-1] != K:
             return None  # qlinear raises the proper error
         M = x.numel() // K if K else 0
-        if choose_backend(qf.FORMATS[fmt].bits, N, K, M, act_quant) != "lut":
+        if _choose_cached(qf.FORMATS[fmt].bits, N, K, M, act_quant) != "lut":
             return None
     return lut_linear(x, _cached_lut(owner, make_qw), bias, out=out)
