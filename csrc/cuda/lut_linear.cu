@@ -91,7 +91,7 @@ __global__ void lut_gemv_kernel(LutCudaParams p) {
       int32_t A = 0;
       for (int64_t i = 0; i < B; ++i) {
         const int v = w[i * 32];
-        A += (half_lookup(tl, v & 15) + half_lookup(tl + 8, v >> 4)) << i;
+        A += (half_lookup(tl, v & 15) + half_lookup(tl + 8, v >> 4)) * (1 << i);  // plane weight 2^i
       }
       P += A;
       if (((cp + 1) * 8) % gs == 0) {  // end of group g: scale it in
