@@ -326,3 +326,26 @@ def test_cuda_matches_cpu(kind, dtype):
             tol = 1e-5 if dtype == torch.float32 else 1e-2
             torch.testing.assert_close(got.cpu().double(), want.double(), rtol=tol,
                                        atol=tol * want.abs().max().item())
+
+
+def test_model_runner_decodes_through_lut(tmp_path, monkeypatch):
+    """The runner's quantized matmuls go through the LUT hook: forced to lut_linear here (prefill
+    included), the decode logits stay close to the qlinear int8 path."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors.torch")
+    from test_hf_loader import _ids, make_hf_model, save_hf
+
+    from fastadapt_ops.models import load
+
+    path = save_hf(make_hf_model("llama", seed=4), tmp_path / "m")
+    logits = {}
+    for backend in ("qlinear", "lut"):
+        monkeypatch.setenv("FASTADAPT_LINEAR_BACKEND", backend)
+        model = load(path, quantize="int4", group_size=32)
+        model.act_quant = "int8"
+        model.prefill(_ids(8))
+        logits[backend] = model.decode_one(5)
+        used = [w for w in (model.layers[0].wqkv, model.layers[0].wdown) if L._CACHE_ATTR in w.__dict__]
+        assert bool(used) == (backend == "lut")
+    a, b = logits["lut"].double(), logits["qlinear"].double()
+    assert float((a - b).abs().max()) <= 0.05 * float(b.abs().max())

@@ -293,6 +293,8 @@ def dispatch(owner, make_qw: Callable[[], QuantizedWeight], fmt: str, N: int, K:
     """Hook of ``quant.linear``/``QuantLinear``: y from the LUT op when chosen, else None
     (the caller runs qlinear). ``backend``: None/"auto" (table + policy), "lut" (forced; a
     ValueError where it cannot run), anything else: None."""
+    if backend is None and fmt not in LUT_FORMATS:
+        return None  # fast path: GGUF / int8 weights never run here
     if backend is None:
         env = os.environ.get("FASTADAPT_LINEAR_BACKEND", "").strip().lower()
         backend = env if env in ("lut", "qlinear", "auto") else "auto"
