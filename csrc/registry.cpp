@@ -82,6 +82,13 @@ TORCH_LIBRARY(fastadapt, m) {
   m.def("proportional_attention(Tensor q, Tensor k, Tensor v, Tensor? sizes=None, float? scale=None) -> Tensor");
 
   // ---- lookup-table low-bit linear (lut helper) ----------------------------------------------
+  // y[..., N] = x[..., K] . W^T (+ bias) for W of 1-4 bits stored as bit planes (layout:
+  // cpu/kernels/lut_format.h): x quantized per group to int8, 16-entry tables of +-x sums per 4
+  // activations built in the kernel, one lookup per (4 values, bit plane), integer accumulation,
+  // scale per group and plane weight 2^i; zoffs int8 per (row, group), else zoff for all.
+  m.def(
+      "lut_linear(Tensor x, Tensor planes, Tensor scales, Tensor? zoffs, Tensor? bias, int bits, "
+      "int out_features, int group_size, int zoff=-1) -> Tensor");
 
   // ---- block-sparse prefill attention (sparse helper) ----------------------------------------
   // Causal GQA attention of q [N_q, H_q, D] over k, v [N_k, H_kv, D] under a sparse layout

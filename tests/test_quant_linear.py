@@ -95,6 +95,7 @@ def test_forward_act_quant_int8(fmt, symmetric):
     lin = _linear(K=512, N=17)
     ql = _from_linear(lin, fmt, symmetric)
     ql.act_quant = "int8"
+    ql.backend = "qlinear"  # qlinear's per-token int8 path (auto may pick lut_linear: per-group int8)
     x = torch.randn(5, 512)
     y = ql(x)
     ref = qlinear_reference(x, ql.qdata, ql.scales, ql.zeros, ql.bias, ql.fmt, 512, ql.group_size, "int8",

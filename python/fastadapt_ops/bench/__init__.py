@@ -12,7 +12,7 @@ import importlib
 import sys
 
 FAMILIES = ("qlinear", "rms_norm", "rope_swiglu", "paged_attention", "kv_cache", "kv_quality", "e2e",
-            "tokens", "block_sparse", "sparse_prefill", "best_of_n", "adaptive_decoding")
+            "tokens", "block_sparse", "sparse_prefill", "best_of_n", "adaptive_decoding", "lut_linear")
 
 __all__ = ["FAMILIES", "main"]
 

@@ -1,5 +1,6 @@
 """Typed wrappers of every ``torch.ops.fastadapt`` op, their fake kernels, and references."""
 from .qlinear import qlinear  # noqa: F401
+from .lut_linear import lut_linear  # noqa: F401
 from .rms_norm import rms_norm  # noqa: F401
 from .paged_attention import (  # noqa: F401
     merge_attention_states,

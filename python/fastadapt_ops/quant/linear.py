@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..ops import qformats as qf
 from ..ops.reference import qlinear_reference
+from . import lut as _lut
 from .weight import QuantizedWeight
 
 __all__ = [
@@ -30,7 +31,7 @@ __all__ = [
     "set_default_backend",
 ]
 
-_BACKENDS = ("auto", "op", "reference")
+_BACKENDS = ("auto", "op", "reference", "lut", "qlinear")
 _default_backend = "auto"
 _op_cache = None  # (callable or None, error or None)
 _warned = False
@@ -55,7 +56,8 @@ def op_available() -> bool:
 
 
 def set_default_backend(backend: str) -> None:
-    """``"auto"`` (the op where a kernel exists, else the reference), ``"op"``, ``"reference"``."""
+    """``"auto"`` (the op where a kernel exists, else the reference; the LUT op where
+    :mod:`.lut` picks it), ``"op"``/``"qlinear"``, ``"reference"``, ``"lut"``."""
     global _default_backend
     if backend not in _BACKENDS:
         raise ValueError(f"linear: backend must be one of {', '.join(_BACKENDS)}; got {backend!r}")
@@ -80,8 +82,18 @@ def linear(
     """
     if not isinstance(qweight, QuantizedWeight):
         raise ValueError(f"linear: qweight must be a QuantizedWeight; got {type(qweight).__name__}")
+    y = _lut.dispatch(qweight, lambda: qweight, qweight.fmt, *qweight.shape, x, bias, act_quant,
+                      _lut_backend(backend), out)
+    if y is not None:
+        return y
     return _qlinear(x, qweight.qdata, qweight.scales, qweight.zeros, bias, qweight.fmt,
                     qweight.in_features, qweight.group_size, act_quant, backend, out)
+
+
+def _lut_backend(backend):
+    # the backend handed to the LUT hook: None lets FASTADAPT_LINEAR_BACKEND decide "auto"
+    b = _default_backend if backend is None else backend
+    return None if b == "auto" else b
 
 
 def _qlinear(x, qdata, scales, zeros, bias, fmt, in_features, group_size, act_quant, backend, out):
@@ -92,7 +104,7 @@ def _qlinear(x, qdata, scales, zeros, bias, fmt, in_features, group_size, act_qu
     if bias is not None and isinstance(x, torch.Tensor) and x.is_floating_point() and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     args = (x, qdata, scales, zeros, bias, fmt, in_features, group_size, act_quant)
-    use_op = backend == "op"
+    use_op = backend in ("op", "qlinear")
     if backend == "auto":
         use_op = (
             isinstance(x, torch.Tensor)
@@ -293,6 +305,10 @@ class QuantLinear(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features] -> [..., out_features]
+        y = _lut.dispatch(self, lambda: self.qweight, self.fmt, self.out_features, self.in_features,
+                          x, self.bias, self.act_quant, _lut_backend(self.backend))
+        if y is not None:
+            return y
         # straight to the op (which checks its arguments): no per-call QuantizedWeight
         return _qlinear(x, self.qdata, self.scales, self.zeros, self.bias, self.fmt,
                         self.in_features, self.group_size, self.act_quant, self.backend, None)

@@ -1,0 +1,7 @@
+// AVX2 build of the lut_linear kernels: vpshufb lookups on int8 table halves (see lut_impl.h).
+#include "cpu/kernels/lut_impl.h"
+
+namespace fastadapt::cpu {
+void lut_prepare_avx2(const LutProblem& p, int64_t m0, int64_t m1) { lut_prepare_impl_avx2(p, m0, m1); }
+void lut_gemv_avx2(const LutProblem& p, int64_t rb0, int64_t rb1) { lut_gemv_impl_avx2(p, rb0, rb1); }
+}  // namespace fastadapt::cpu
