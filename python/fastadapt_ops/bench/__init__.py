@@ -13,6 +13,7 @@ import sys
 
 FAMILIES = ("qlinear", "rms_norm", "rope_swiglu", "paged_attention", "kv_cache", "kv_quality", "e2e",
             "tokens")
+FAMILIES += ("quant_model",)  # GPTQ/RTN re-quantized SmolLM2: perplexity and decode tok/s
 
 __all__ = ["FAMILIES", "main"]
 

@@ -237,6 +237,9 @@ def add_subcommands(subparsers) -> None:
     d.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     d.set_defaults(func=cmd_demo)
 
+    from .quantize_cli import add_quantize_subcommand  # fastadapt quantize (models/quantize_cli.py)
+    add_quantize_subcommand(subparsers)
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastadapt-models")
