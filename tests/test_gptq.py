@@ -259,14 +259,14 @@ def smol():
 
 @pytest.fixture(scope="module")
 def smol_layer_inputs(smol):
-    """Inputs of layer 5's fused QKV and down projections on 256 tokens of docstrings."""
+    """Inputs of layer 5's fused QKV and output projections on 256 tokens of docstrings."""
     li = 5
     L = smol.layers[li]
     seen = {}
     orig = smol._mm
 
     def rec(x, w, bias=None):
-        for nm in ("wqkv", "wdown"):
+        for nm in ("wqkv", "wo"):
             if w is getattr(L, nm):
                 seen[nm] = x.detach().clone()
         return orig(x, w, bias)
@@ -277,7 +277,7 @@ def smol_layer_inputs(smol):
         smol.prefill(ids)
     finally:
         del smol._mm
-    return {nm: (getattr(L, nm).dequantize(), seen[nm]) for nm in ("wqkv", "wdown")}
+    return {nm: (getattr(L, nm).dequantize(), seen[nm]) for nm in ("wqkv", "wo")}
 
 
 @pytest.mark.parametrize("bits,ternary", FORMATS, ids=FMT_IDS)
@@ -353,12 +353,12 @@ def test_bench_quant_model_quick(tmp_path):
     from fastadapt_ops.bench import main
     from fastadapt_ops.bench import quant_model as bq
 
-    assert main(["quant_model", "--quick", "--bits", "3", "--methods", "rtn,gptq", "--out", str(tmp_path)]) == 0
+    assert main(["quant_model", "--quick", "--bits", "3", "--methods", "gptq", "--out", str(tmp_path)]) == 0
     files = list(tmp_path.glob("*/quant_model-quick.json"))
     assert len(files) == 1 and files[0].with_suffix(".md").exists()
     data = json.loads(files[0].read_text())
     rows = data["rows"]
-    assert [r["method"] for r in rows] == ["stored", "rtn", "gptq"] and data["columns"] == bq.COLUMNS
+    assert [r["method"] for r in rows] == ["stored", "gptq"] and data["columns"] == bq.COLUMNS
     for r in rows:
         assert r["ppl"] > 1 and r["decode_tok_s"] > 0 and r["command"].startswith("python bench/run.py quant_model")
-    assert 3.0 < rows[2]["bpw"] < 4.5
+    assert 3.0 < rows[1]["bpw"] < 5.5  # --quick re-quantizes 2 of the 30 blocks

@@ -9,7 +9,9 @@ and quantized again (``fastadapt_ops.models.quantize.quantize_runner``); embeddi
 the tied LM head stay as stored (Q8_0). GPTQ calibrates on ``--calib-samples`` windows of
 ``--calib-len`` tokens of Python standard-library docstrings; perplexity is measured on the first
 ``--eval-tokens`` tokens of pydoc_data's language reference (held out: different text) in
-windows of ``--ctx``. Decode tokens/s: ``--decode`` greedy tokens after a short prompt, the best
+windows of ``--ctx``. GPTQ runs with act-order (static groups) and a per-group clipping search
+(``--no-act-order``, ``--no-clip-search`` turn them off); the RTN rows are plain round-to-nearest
+on the min/max range (``quantize_weight``). Decode tokens/s: ``--decode`` greedy tokens after a short prompt, the best
 of two runs. ``ppl_vs_stored`` and ``decode_vs_stored`` are ratios to the stored model measured in
 the same run. ``bpw``: bits per weight of the block matrices (codes + scales + zeros).
 """
@@ -41,9 +43,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--decode", type=int, default=64, help="greedy tokens timed for decode tok/s")
-    p.add_argument("--act-order", action="store_true")
+    p.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="GPTQ columns in order (default: by decreasing Hessian diagonal, static groups)")
+    p.add_argument("--no-clip-search", dest="clip_search", action="store_false",
+                   help="GPTQ groups on the plain min/max range (default: search the range shrink factor)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny calibration and evaluation")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny calibration and evaluation, only blocks 0 and 1 re-quantized")
     p.add_argument("--out", default=None)
     p.add_argument("--no-write", action="store_true")
     return p
@@ -71,9 +77,12 @@ def _bpw(model) -> float:
     return bits / n
 
 
-def _decode_tps(model, prompt_ids, n: int) -> float:
+def _decode_tps(model, prompt_ids, n: int):
+    """Best of two greedy runs of ``n`` tokens (None when ``n`` is 0: a quality-only run)."""
     from ..models import generate
 
+    if n <= 0:
+        return None
     best = 0.0
     for _ in range(2):
         r = generate(model, model.tokenizer, prompt_ids, max_new_tokens=n, stop_at_eos=False)
@@ -101,28 +110,33 @@ def run(args: argparse.Namespace) -> dict:
     gs = args.group_size
     cmd = (f"python bench/run.py quant_model --bits {args.bits} --methods {args.methods} --group-size {gs} "
            f"--calib-samples {args.calib_samples} --calib-len {args.calib_len} --eval-tokens {args.eval_tokens} "
-           f"--ctx {args.ctx}" + (" --act-order" if args.act_order else "") + (" --quick" if args.quick else ""))
+           f"--ctx {args.ctx}" + ("" if args.decode == 64 else f" --decode {args.decode}") +
+           ("" if args.act_order else " --no-act-order") +
+           ("" if args.clip_search else " --no-clip-search") + (" --quick" if args.quick else ""))
 
     base_ppl = perplexity(model, ids, ctx=args.ctx)["ppl"]
     base_tps = _decode_tps(model, prompt_ids, args.decode)
     rows = [{"model": os.path.basename(path), "method": "stored", "bits": "q4_1", "group_size": 32,
              "bpw": _bpw(model), "ppl": base_ppl, "ppl_vs_stored": 1.0, "decode_tok_s": base_tps,
-             "decode_vs_stored": 1.0, "quantize_s": 0.0, "command": cmd}]
-    print(f"stored Q4_1: ppl {base_ppl:.3f}, decode {base_tps:.1f} tok/s, {rows[0]['bpw']:.2f} bpw", flush=True)
+             "decode_vs_stored": 1.0 if base_tps else None, "quantize_s": 0.0, "command": cmd}]
+    print(f"stored Q4_1: ppl {base_ppl:.3f}, decode {base_tps or 0:.1f} tok/s, {rows[0]['bpw']:.2f} bpw", flush=True)
     for bits in bits_list:
         for method in methods:
             m = load(path, max_ctx=max_ctx)
             t0 = time.perf_counter()
             quantize_runner(m, 2 if bits == "ternary" else bits, method, calib if method == "gptq" else None, gs,
-                            ternary=bits == "ternary", act_order=args.act_order)
+                            ternary=bits == "ternary", act_order=args.act_order,
+                            clip_search=args.clip_search and method == "gptq",
+                            layers=[0, 1] if args.quick else None)
             qs = time.perf_counter() - t0
             ppl = perplexity(m, ids, ctx=args.ctx)["ppl"]
             tps = _decode_tps(m, prompt_ids, args.decode)
             rows.append({"model": os.path.basename(path), "method": method, "bits": bits, "group_size": gs,
                          "bpw": _bpw(m), "ppl": ppl, "ppl_vs_stored": ppl / base_ppl, "decode_tok_s": tps,
-                         "decode_vs_stored": tps / base_tps, "quantize_s": qs, "command": cmd})
-            print(f"{method:>5} {bits} bits g{gs}: ppl {ppl:9.3f} (x{ppl / base_ppl:.3f})  decode {tps:6.1f} tok/s "
-                  f"(x{tps / base_tps:.2f})  {rows[-1]['bpw']:.2f} bpw  quantized in {qs:.1f} s", flush=True)
+                         "decode_vs_stored": tps / base_tps if tps else None, "quantize_s": qs, "command": cmd})
+            dec = f"decode {tps:6.1f} tok/s (x{tps / base_tps:.2f})" if tps else "decode not timed"
+            print(f"{method:>5} {bits} bits g{gs}: ppl {ppl:9.3f} (x{ppl / base_ppl:.3f})  {dec}  "
+                  f"{rows[-1]['bpw']:.2f} bpw  quantized in {qs:.1f} s", flush=True)
             del m
     target = [r for r in rows if r["method"] == "gptq" and r["bits"] == 3]
     notes = [f"eval: first {len(ids)} tokens of pydoc_data topics, ctx {args.ctx}; calibration: "
@@ -138,6 +152,6 @@ def run(args: argparse.Namespace) -> dict:
         meta = {"command": results.command_line("quant_model", getattr(args, "argv", [])),
                 **results.environment("cpu"), "model": os.path.basename(path), "notes": notes}
         paths = results.write_results("quant_model", rows, COLUMNS, out_root=args.out, device="cpu", meta=meta,
-                                      tag="quick" if args.quick else "")
+                                      tag="quick" if args.quick else ("ppl-only" if args.decode <= 0 else ""))
         print("wrote", *paths)
     return {"rows": rows, "notes": notes, "paths": paths}

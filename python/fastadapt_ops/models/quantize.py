@@ -57,24 +57,24 @@ def default_calibration_text(modules: Sequence[str] = CALIB_MODULES) -> str:
             seen.add(doc)
             parts.append(doc)
 
-    for name in modules:
-        try:
-            with warnings.catch_warnings():  # deprecated attributes (typing.re...) warn when read
-                warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # deprecated attributes (typing.re...) warn when read
+        warnings.simplefilter("ignore")
+        for name in modules:
+            try:
                 mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        add(mod.__doc__)
-        for attr, obj in sorted(vars(mod).items()):
-            if getattr(obj, "__module__", None) != mod.__name__:
+            except ImportError:
                 continue
-            if inspect.isclass(obj) or inspect.isfunction(obj):
-                add(obj.__doc__)
-                if inspect.isclass(obj):
-                    for m in sorted(vars(obj)):
-                        f = vars(obj)[m]
-                        if inspect.isfunction(f):
-                            add(f.__doc__)
+            add(mod.__doc__)
+            for attr, obj in sorted(vars(mod).items()):
+                if getattr(obj, "__module__", None) != mod.__name__:
+                    continue
+                if inspect.isclass(obj) or inspect.isfunction(obj):
+                    add(obj.__doc__)
+                    if inspect.isclass(obj):
+                        for m in sorted(vars(obj)):
+                            f = vars(obj)[m]
+                            if inspect.isfunction(f):
+                                add(f.__doc__)
     return "\n\n".join(parts)
 
 
@@ -201,7 +201,8 @@ def quantize_runner(
         chunks = [ids[i:i + B] for i in range(0, n, B)]
         states = [(model._embed(ch.reshape(-1)), None) for ch in chunks]  # per chunk: (x, delta)
         pos = [positions[:ch.numel()] for ch in chunks]
-        for li in range(c.n_layers):
+        last = max(todo, default=-1)  # later blocks need no inputs
+        for li in range(last + 1):
             t0 = time.perf_counter()
             L = model.layers[li]
             if li in todo:
@@ -234,7 +235,8 @@ def quantize_runner(
                                            **opts)
                         setattr(L, nm, qw)
                 del dense
-            states = [_run_layer(model, li, x, d, p, ch.shape[0]) for (x, d), ch, p in zip(states, chunks, pos)]
+            if li < last:
+                states = [_run_layer(model, li, x, d, p, ch.shape[0]) for (x, d), ch, p in zip(states, chunks, pos)]
             info["layer_seconds"].append(time.perf_counter() - t0)
             if progress is not None:
                 progress(li + 1, c.n_layers, f"layer {li}")
