@@ -184,14 +184,17 @@ def calib_for(vocab, n=8, T=48, seed=0):
     return torch.randint(0, vocab, (n, T), generator=torch.Generator().manual_seed(seed))
 
 
-def test_runner_gptq_beats_rtn_and_keeps_state():
+@pytest.mark.parametrize("opts", [{}, {"true_sequential": True, "act_order": True, "clip_search": True}],
+                         ids=["plain", "seq_act_clip"])
+def test_runner_gptq_beats_rtn_and_keeps_state(opts):
     ids = calib_for(80)
     ref = tiny_model().prefill(ids[0].tolist(), all_logits=True)
     errs = {}
     for method in ("rtn", "gptq"):
         m = tiny_model()
         m.configure_kv("streaming", 0.5)
-        info = quantize_runner(m, 3, method, ids if method == "gptq" else None, 32, batch=3)
+        info = quantize_runner(m, 3, method, ids if method == "gptq" else None, 32, batch=3,
+                               **(opts if method == "gptq" else {}))
         assert info["method"] == method and len(info["layer_seconds"]) == 2
         assert m.kv_policy is not None and m.max_ctx == 128  # restored
         m.configure_kv(None)
