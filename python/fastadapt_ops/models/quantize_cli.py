@@ -1,7 +1,11 @@
 """``fastadapt quantize``: re-quantize a model's block matrices (RTN or GPTQ) into a checkpoint.
 
     fastadapt quantize --model M --bits 2|3|4|8|ternary --method rtn|gptq [--group-size G]
-        [--calib FILE] [--calib-samples 32] [--calib-len 256] [--act-order] [--out DIR]
+        [--calib FILE] [--calib-samples 32] [--calib-len 256] [--no-act-order] [--no-clip-search]
+        [--out DIR]
+
+GPTQ defaults to act-order (static groups) with a per-group clipping search, the configuration
+of the ``quant_model`` bench; ``--method rtn`` is plain round-to-nearest on the min/max range.
 
 The checkpoint (``models/qcheckpoint.py``) loads with ``fastadapt_ops.models.load(DIR)`` and
 ``fastadapt generate --model DIR``. Calibration text: ``--calib FILE``, else docstrings of Python
@@ -41,9 +45,11 @@ def add_quantize_args(p) -> None:
     p.add_argument("--calib", default=None, help="calibration text file (default: stdlib docstrings)")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sample")
-    p.add_argument("--act-order", action="store_true", help="GPTQ columns by decreasing Hessian diagonal")
+    p.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="GPTQ columns in order (default: by decreasing Hessian diagonal, static groups)")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, a fraction of mean(diag H)")
-    p.add_argument("--clip-search", action="store_true", help="search each group's range shrink factor")
+    p.add_argument("--no-clip-search", dest="clip_search", action="store_false",
+                   help="GPTQ groups on the min/max range (default: search each group's range shrink factor)")
     p.add_argument("--out", default=None, help="output directory (default: ./<model>-<method>-<bits>-g<G>)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -87,7 +93,8 @@ def cmd_quantize(args) -> int:
 
     gs = None if args.group_size == -1 else args.group_size
     info = quantize_runner(model, bits, args.method, calib, gs, ternary=ternary, symmetric=args.symmetric,
-                           act_order=args.act_order, percdamp=args.percdamp, clip_search=args.clip_search,
+                           act_order=args.act_order, percdamp=args.percdamp,
+                           clip_search=args.clip_search and args.method == "gptq",
                            progress=progress)
     out = args.out or _default_out(args)
     files = save_checkpoint(model, out, extra={"source": str(args.model),
