@@ -3,6 +3,7 @@
     fastadapt demo                 SmolLM2 answers a chat prompt on our kernels; tokens/s vs HF
     fastadapt generate --model M --prompt P [--chat] [--max-new-tokens N] [--json] ...
     fastadapt perplexity --model M --file F [--ctx N] [--json]
+    fastadapt quantize --model M --bits B --method rtn|gptq [--group-size G] [--calib F] --out DIR
     fastadapt info                 build and machine facts: torch, CUDA mode, CPU path, threads
     fastadapt bench qlinear [...]  the low-bit linear benchmark (see bench/README.md)
 """

@@ -12,7 +12,8 @@ import importlib
 import sys
 
 FAMILIES = ("qlinear", "rms_norm", "rope_swiglu", "paged_attention", "kv_cache", "kv_quality", "e2e",
-            "tokens", "block_sparse", "sparse_prefill", "best_of_n", "adaptive_decoding", "lut_linear")
+            "tokens", "block_sparse", "sparse_prefill", "best_of_n", "adaptive_decoding", "lut_linear",
+            "quant_model")
 
 __all__ = ["FAMILIES", "main"]
 

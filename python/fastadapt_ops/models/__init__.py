@@ -46,6 +46,8 @@ def resolve(name_or_path) -> str:
         return path
     if os.path.isdir(key):
         files = os.listdir(key)
+        if "fastadapt_quant.json" in files:  # a `fastadapt quantize` checkpoint (models/qcheckpoint.py)
+            return key
         ggufs = sorted(f for f in files if f.endswith(".gguf"))
         if "config.json" in files:
             if any(f.endswith(".safetensors") for f in files) or "model.safetensors.index.json" in files:
@@ -91,6 +93,12 @@ def load(name_or_path, threads: Optional[int] = None, max_ctx: Optional[int] = N
         torch.set_num_threads(int(threads))
     check_quantize(quantize, group_size)
     path = resolve(name_or_path)
+    from .qcheckpoint import is_checkpoint, load_checkpoint
+
+    if is_checkpoint(path):  # already quantized: quantize= does not apply
+        if quantize is not None:
+            raise ValueError(f"fastadapt_ops.models: {path} is a quantized checkpoint; quantize= does not apply")
+        return load_checkpoint(path, max_ctx=max_ctx)
     if is_hf_dir(path):
         return load_hf(path, max_ctx=max_ctx, quantize=quantize, group_size=group_size, progress=progress)
     g = read_gguf(path, progress=progress)

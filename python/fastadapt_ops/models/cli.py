@@ -257,6 +257,8 @@ def add_subcommands(subparsers) -> None:
     d.set_defaults(func=cmd_demo)
 
     add_tune_sparse_subcommand(subparsers)
+    from .quantize_cli import add_quantize_subcommand  # fastadapt quantize (models/quantize_cli.py)
+    add_quantize_subcommand(subparsers)
 
 
 def main(argv=None) -> int:

@@ -70,6 +70,9 @@ def quantize_model(
     act_scale_kind: str = "mean_abs",
     act_quant: str = "none",
     return_info: bool = False,
+    method: str = "rtn",
+    calib: Optional[Iterable] = None,
+    gptq_options: Optional[Mapping] = None,
 ) -> Union[nn.Module, tuple]:
     """Replace every ``nn.Linear`` of ``model`` (in place) with a :class:`QuantLinear`.
 
@@ -83,6 +86,11 @@ def quantize_model(
     A linear whose ``in_features`` is not a multiple of 32 (256 for q4_k/q6_k) or of the group
     size, or whose weight its parent reads directly (``nn.MultiheadAttention``,
     ``nn.TransformerEncoderLayer``), is left as is with a warning.
+    method: ``"rtn"`` (round to nearest, the default) or ``"gptq"``: block-by-block GPTQ on the
+        calibration batches ``calib`` (each a tensor -> ``model(batch)``, a tuple -> ``model(*batch)``
+        or a dict -> ``model(**batch)``), int formats only; ``gptq_options``: keywords of
+        :func:`fastadapt_ops.quant.gptq.gptq_quantize` (``act_order``, ``percdamp``, ``ternary``,
+        ``clip_search``, ``block_size``). See ``quant/gptq_model.py``.
     Returns the model (``(model, QuantizeInfo)`` with ``return_info=True``); the info is also
     kept as ``model.fastadapt_quant_info``.
     """
@@ -92,6 +100,20 @@ def quantize_model(
     skip = tuple(skip or ())
     info = QuantizeInfo()
     act_scales = dict(act_scales or {})
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"quantize_model: method must be 'rtn' or 'gptq'; got {method!r}")
+    if method == "gptq":
+        from .gptq_model import gptq_quantize_model
+
+        if qf.FORMATS[fmt_name].is_gguf or isinstance(model, nn.Linear):
+            raise ValueError("quantize_model: method='gptq' needs an int format (bits 2/3/4/8) and a model "
+                             "that holds its linears (not a bare nn.Linear)")
+        gptq_quantize_model(
+            model, calib, bits=qf.FORMATS[fmt_name].bits, group_size=group_size, symmetric=symmetric, skip=skip,
+            scale_dtype=scale_dtype, act_quant=act_quant, info=info,
+            supported=lambda n, m, p: _unsupported_reason(n, m, p, fmt_name, group_size), **dict(gptq_options or {}))
+        model.fastadapt_quant_info = info
+        return (model, info) if return_info else model
 
     if isinstance(model, nn.Linear) and not matches_any("", skip):
         # the model is itself a linear: nothing to swap it into, return the new module
