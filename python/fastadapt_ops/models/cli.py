@@ -82,14 +82,17 @@ def cmd_generate(args) -> int:
     _threads(args)
     model = load(args.model, threads=args.threads, quantize=args.quantize, group_size=args.group_size)
     _configure_runner(model, args)
+    from ..tokens.prompt_pruning import apply_prune_args, prune_fields
+
+    runner = apply_prune_args(model, args)  # the model, or a PromptPruner around it
     stream = None
     if not args.json:
         stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
-    r = generate(model, model.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+    r = generate(runner, model.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                  chat=args.chat, stream=stream)
     if args.json:
-        print(json.dumps({**r.to_dict(), **_kv_fields(model)}))
+        print(json.dumps({**r.to_dict(), **_kv_fields(model), **prune_fields(runner)}))
     else:
         print()
         print(f"[{r.prompt_tokens} prompt tokens: {r.prefill_tokens_per_s:.1f} tok/s prefill; "
@@ -215,6 +218,9 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _add_quantize_args(g)
     _add_kv_args(g)
+    from ..tokens.prompt_pruning import add_prune_args
+
+    add_prune_args(g)
     g.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("perplexity", help="perplexity of a text file")
