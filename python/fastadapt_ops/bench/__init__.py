@@ -12,7 +12,7 @@ import importlib
 import sys
 
 FAMILIES = ("qlinear", "rms_norm", "rope_swiglu", "paged_attention", "kv_cache", "kv_quality", "e2e",
-            "tokens")
+            "tokens", "prune_prompt")
 
 __all__ = ["FAMILIES", "main"]
 
