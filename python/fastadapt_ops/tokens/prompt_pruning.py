@@ -90,10 +90,6 @@ class PruneSpec:
     max_revive: int = 16
     text: str = "none"
 
-    @property
-    def active(self) -> bool:
-        return self.method != "none" and any(k < 1.0 for k in self.keep)
-
 
 def _int(key: str, val: str, lo: int = 0) -> int:
     try:
