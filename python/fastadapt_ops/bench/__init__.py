@@ -13,7 +13,7 @@ import sys
 
 FAMILIES = ("qlinear", "rms_norm", "rope_swiglu", "paged_attention", "kv_cache", "kv_quality", "e2e",
             "tokens", "block_sparse", "sparse_prefill", "best_of_n", "adaptive_decoding", "lut_linear",
-            "quant_model")
+            "quant_model", "prune_prompt")
 
 __all__ = ["FAMILIES", "main"]
 

@@ -4,7 +4,8 @@
    of ``pydoc_data.topics`` split into sentences, plus standard-library docstrings), unpatched and
    ToMe-patched over r schedules: throughput (sentences/s), speedup, mean/min cosine similarity to
    the unmerged embeddings. Target: at 1.5x throughput, mean cosine >= 0.97. A PNG of speed vs
-   similarity is written when matplotlib is importable (it is not a dependency).
+   similarity across the r schedules (``tokens-embeddings.png``, ``bench.plot.scatter_png``) is
+   written next to the tables.
 2. ``ops``: at N tokens (default 512) of MiniLM's width: one BERT layer's time next to matching
    (keys' mean + bipartite_soft_matching) + merge_tokens (target: <= 10% of the layer), each op
    against what a user would otherwise run (ToMe's PyTorch formulation: similarity matrix,
@@ -154,25 +155,22 @@ def run_embeddings(args, dev) -> tuple[list[dict], str]:
 
 
 def plot_embeddings(rows, path) -> str:
+    """PNG of throughput speed-up against mean cosine similarity, one line per r schedule kind
+    (constant r, decreasing r, a fraction per layer), the unmerged model as the baseline star."""
     try:
-        import matplotlib
+        from .plot import scatter_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not importable: no plot written (it is not a dependency)"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.scatter(r["speedup"], r["mean_cos"])
-        ax.annotate(r["config"], (r["speedup"], r["mean_cos"]), fontsize=7)
-    ax.axhline(0.97, ls="--", lw=0.8)
-    ax.axvline(1.5, ls="--", lw=0.8)
-    ax.set_xlabel("throughput vs unmerged (x)")
-    ax.set_ylabel("mean cosine to unmerged embeddings")
-    ax.set_title("ToMe on all-MiniLM-L6-v2")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        names = {"c": "constant r", "d": "decreasing r (2r -> 0)", "f": "fraction per layer"}
+        series, labels = {}, {}
+        for r in rows[1:]:
+            kind = names[r["config"][0]]
+            series.setdefault(kind, []).append((r["speedup"], r["mean_cos"]))
+            labels.setdefault(kind, []).append(r["config"])
+        scatter_png(path, series, "throughput vs unmerged (x)", "mean cosine to unmerged embeddings",
+                    title="ToMe on all-MiniLM-L6-v2 (target: 1.5x at cos >= 0.97)", labels=labels,
+                    baseline=(1.0, 1.0), hline=0.97, vline=1.5)
+    except RuntimeError as e:  # matplotlib missing: the tables still stand
+        return f"no plot written: {e}"
     return f"plot: {path}"
 
 

