@@ -265,8 +265,9 @@ def _plot(rows, stem):
     sw = [r for r in rows if r["section"] == "switch" and r["mode"] != "full"]
     if sw:
         series = {}
-        for r in sw:
-            series.setdefault(f"prompt {r['prompt']}", []).append((r["agree"], r["speedup"]))
+        for r in sw:  # one series per cheap variant and mode, points over prompts and thresholds
+            series.setdefault(f"{r['mode']} {r['setting'].split()[0]}", []).append((r["agree"], r["speedup"]))
+        series = {k: sorted(v) for k, v in series.items()}
         out.append(scatter_png(f"{stem}-switch.png", series, "greedy agreement with the full model",
                                "decode speed-up vs full", title="entropy switching: speed vs agreement",
                                baseline=(1.0, 1.0)))
@@ -275,6 +276,7 @@ def _plot(rows, stem):
         series = {}
         for r in moe:
             series.setdefault(f"{r['mode']} T={r['N']}", []).append((r["null_frac"], r["median_us"]))
+        series = {k: sorted(v) for k, v in series.items()}
         out.append(scatter_png(f"{stem}-moe.png", series, "fraction of choices routed to null experts",
                                "median us", title="NullExpertMoE: time vs null-routed fraction"))
     return out
