@@ -31,7 +31,7 @@ from ..ops.rms_norm import rms_norm
 from ..ops.rope import rope
 from ..ops.silu_mul import silu_mul
 from ..quant import QuantizedWeight
-from ..quant.lut import dispatch as _lut_dispatch
+from ..quant.lut import LUT_FORMATS as _LUT_FORMATS, dispatch as _lut_dispatch
 from .config import ModelConfig
 from .rope import rope_cos_sin_for
 
@@ -323,9 +323,10 @@ class LlamaModel:
         if isinstance(w, QuantizedWeight):
             if _QLINEAR is not None and x.dtype != torch.float64:
                 aq = self.act_quant if x.shape[0] == 1 else "none"
-                y = _lut_dispatch(w, lambda: w, w.fmt, *w.shape, x, bias, aq, None)  # LUT where measured faster
-                if y is not None:
-                    return y
+                if w.fmt in _LUT_FORMATS:  # int2/3/4 only: GGUF decode skips the hook entirely
+                    y = _lut_dispatch(w, lambda: w, w.fmt, *w.shape, x, bias, aq, None)  # LUT where measured faster
+                    if y is not None:
+                        return y
                 return _QLINEAR(x, w.qdata, w.scales, w.zeros, bias, w.fmt, w.in_features, w.group_size, aq)
             from ..quant import linear
 
