@@ -142,4 +142,10 @@ TORCH_LIBRARY(fastadapt, m) {
   // Weighted combine back to tokens: out[t] = sum_j row_weights[r] * y[r], r = topk_rows[t, j]
   // (-1 skipped, j ascending). y [P, N] -> out [T, N] in y's dtype, fp32 sums.
   m.def("moe_combine(Tensor y, Tensor row_weights, Tensor topk_rows) -> Tensor");
+
+  // ---- decode loop ------------------------------------------------------------------------
+  // torch.classes.fastadapt.DecodeStack (csrc/decode_stack.cpp, a TORCH_LIBRARY_FRAGMENT): the
+  // layers of a Llama-family decode step run in C++ over the ops above, in LlamaModel.layer's
+  // order (bit-identical to it), so a step pays no Python per layer. Not an op: it holds the
+  // weights, set once per model.
 }

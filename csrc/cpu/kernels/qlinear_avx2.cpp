@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <utility>
 
 #include "cpu/kernels/qdecode_scalar.h"
 
@@ -338,8 +339,8 @@ void rows_mt(const QLinearProblem& p, int64_t m0, int64_t n0, int64_t n1) {
             __m256 t1 = _mm256_mul_ps(f[1], _mm256_loadu_ps(x + 8));
             t0 = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(x + 16), t0);
             t1 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(x + 24), t1);
-            __m256& dst = gacc[m][c0 & 1];
-            dst = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), va, dst);
+            gacc[m][0] = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), va, gacc[m][0]);
+            std::swap(gacc[m][0], gacc[m][1]);  // alternate chains without a run-time index
           }
         }
       } else {
@@ -455,7 +456,7 @@ void gguf_block_rows(const QLinearProblem& p, const float* xoff, int64_t m0, int
           __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + 32 * c));
           if constexpr (kSignedCodes<F>) xv = _mm256_sign_epi8(xv, q);
           const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qu, xv), ones16);
-          acc[m][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[m][c & 1]);
+          acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[m][0]);
         }
       } else {
         __m256 f[4];
@@ -466,9 +467,13 @@ void gguf_block_rows(const QLinearProblem& p, const float* xoff, int64_t m0, int
           __m256 t1 = _mm256_mul_ps(f[1], _mm256_loadu_ps(x + 8));
           t0 = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(x + 16), t0);
           t1 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(x + 24), t1);
-          acc[m][c & 1] = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), d, acc[m][c & 1]);
+          acc[m][0] = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), d, acc[m][0]);
         }
       }
+      // alternate the two chains by swapping them (renamed, free), not by indexing with c & 1:
+      // a run-time index puts the accumulators on the stack (a store-forwarding round trip per
+      // chunk, measured 1.6x slower)
+      for (int m = 0; m < MT; ++m) std::swap(acc[m][0], acc[m][1]);
       if constexpr (kOffsets)
         for (int m = 0; m < MT; ++m) off[m] = _mm_fmadd_ps(h, _mm_loadu_ps(xo[m] + 4 * c), off[m]);
     }

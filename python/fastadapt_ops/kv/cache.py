@@ -414,29 +414,9 @@ class PagedKVCache:
         computed in Python ints, and a cached plan of exactly this batch is advanced in place
         (``kv_lens += 1``) instead of rebuilt when no row needed a new page. Returns None (the
         caller takes the general path) when a row needs copy-on-write or the pool is short."""
-        S = self.page_size
-        alloc = self.allocators[layer]
-        need = 0
-        for s in seqs:
-            for row in s.rows[layer]:
-                fill = row.length % S
-                if fill == 0:
-                    need += 1
-                elif alloc.refcount(row.pages[-1]) > 1:
-                    return None
-        if need > alloc.num_free:
+        if not self._can_book_one(layer, seqs):
             return None
-        slots = []
-        for s in seqs:
-            p = s.next_pos[layer]
-            for row in s.rows[layer]:
-                if row.length % S == 0:
-                    row.pages.extend(alloc.alloc(1))
-                    row.cap = None
-                slots.append(row.pages[row.length // S] * S + row.length % S)
-                row.extend_pos(p, 1)
-                row.length += 1
-            s.next_pos[layer] = p + 1
+        slots, need = self._book_one(layer, seq_ids, seqs)
         slot_mapping = torch.tensor(slots, dtype=torch.int32).view(len(seqs), self.num_kv_heads)
         sm = slot_mapping
         if self.device.type != "cpu":
@@ -444,15 +424,73 @@ class PagedKVCache:
         _ops.kv_append(k, v, self.k_pages[layer], self.v_pages[layer], sm)  # converts the dtype
         if self.track_scores:
             self.scores[layer].view(-1)[sm.reshape(-1).long()] = 0.0
+        if need:
+            self._note_peak()
+        return slot_mapping
+
+    def _can_book_one(self, layer: int, seqs: List[_Seq]) -> bool:
+        """One more token fits every row of ``seqs`` at ``layer`` without copy-on-write."""
+        S, alloc, need = self.page_size, self.allocators[layer], 0
+        for s in seqs:
+            for row in s.rows[layer]:
+                if row.length % S == 0:
+                    need += 1
+                elif alloc.refcount(row.pages[-1]) > 1:
+                    return False
+        return need <= alloc.num_free
+
+    def _book_one(self, layer: int, seq_ids, seqs: List[_Seq]) -> Tuple[List[int], int]:
+        """Book one token per sequence at ``layer`` (checked by :meth:`_can_book_one`): new pages
+        where a row's last one is full, positions, lengths, and the cached plan of exactly this
+        batch advanced in place when no page was added. Returns (slots, pages added)."""
+        S, alloc = self.page_size, self.allocators[layer]
+        slots: List[int] = []
+        need = 0
+        for s in seqs:
+            p = s.next_pos[layer]
+            for row in s.rows[layer]:
+                if row.length % S == 0:
+                    row.pages.extend(alloc.alloc(1))
+                    row.cap = None
+                    need += 1
+                slots.append(row.pages[row.length // S] * S + row.length % S)
+                row.extend_pos(p, 1)
+                row.length += 1
+            s.next_pos[layer] = p + 1
         key = (layer, tuple(seq_ids))
         hit = self._plans.get(key) if need == 0 else None
         self._bump(layer)
         if hit is not None and hit[0] == self._version[layer] - 1:
             hit[1][2].add_(1)  # every row of this batch grew by one token; pages unchanged
             self._plans[key] = (self._version[layer], hit[1])
-        if need:
+        return slots, need
+
+    def decode_slots(self, seq_id: int) -> Optional[Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Book one new token of ``seq_id`` in every layer at once, for a decode step whose
+        kernels run elsewhere (``torch.classes.fastadapt.DecodeStack``): the bookkeeping of
+        :meth:`append_decode` for all layers, without the ``kv_append`` (the caller runs it with
+        the returned slots before attending). Returns ``(slots [L, 1, H_kv] int32 on the cache's
+        device, plans)`` with ``plans`` the 3 L tables of :meth:`plan` per layer after the
+        token, or None (nothing changed) where a row needs copy-on-write, a layer is short of
+        pages, or scores are tracked: the caller then takes the per-layer path."""
+        s = self._seqs.get(seq_id)
+        if s is None or self.track_scores:
+            return None
+        seqs, ids = [s], [seq_id]
+        if not all(self._can_book_one(layer, seqs) for layer in range(self.num_layers)):
+            return None  # checked for every layer first: nothing changes on a refusal
+        slots: List[int] = []
+        plans: List[torch.Tensor] = []
+        grew = False
+        for layer in range(self.num_layers):
+            sl, need = self._book_one(layer, ids, seqs)
+            slots.extend(sl)
+            grew = grew or need > 0
+            plans.extend(self.plan(layer, ids))
+        if grew:
             self._note_peak()
-        return slot_mapping
+        sm = torch.tensor(slots, dtype=torch.int32).view(self.num_layers, 1, self.num_kv_heads)
+        return (sm if self.device.type == "cpu" else sm.to(self.device)), plans
 
     # ------------------------------------------------------------------ compaction
     def _compact(self, layer: int, src: List[int], dst: List[int]) -> None:

@@ -102,8 +102,24 @@ def _fuse(parts: Sequence[Weight]) -> Weight:
     return list(parts)  # mixed formats: one call each
 
 
+_LAYER_EDITS = [0]  # bumped by every weight assignment on any _Layer (DecodeStack staleness)
+
+
 class _Layer:
     __slots__ = ("attn_norm", "wqkv", "bqkv", "wo", "bo", "ffn_norm", "wgu", "wdown")
+
+    def __setattr__(self, name, value):  # weights are swapped in place (re-quantization, switching)
+        object.__setattr__(self, name, value)
+        _LAYER_EDITS[0] += 1
+
+
+def _decode_stack_class():
+    try:
+        import fastadapt_ops  # noqa: F401  (loads _C, which registers the class)
+
+        return torch.classes.fastadapt.DecodeStack
+    except (ImportError, AttributeError, RuntimeError):
+        return None
 
 
 class LlamaModel:
@@ -211,6 +227,11 @@ class LlamaModel:
         # attend_hook(model, li, q, scale, seqs) -> out or None: replaces the paged attention of a
         # step (e.g. prefix-shared attention for forked samples); None falls through to it
         self.attend_hook = None
+        # decode steps (one token, full cache, no hooks) run every layer in one C++ call
+        # (torch.classes.fastadapt.DecodeStack, bit-identical to layer()); False: always the
+        # per-layer Python loop
+        self.fused_decode = True
+        self._stack = None  # (key, DecodeStack or None), rebuilt when the weights change
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -344,6 +365,48 @@ class LlamaModel:
                                  torch.float32).to(self.dtype)
         return e.index_select(0, ids)
 
+    # ---- fused decode ----------------------------------------------------------------------
+    def decode_stack(self):
+        """The layers as a ``torch.classes.fastadapt.DecodeStack`` (built once, rebuilt after a
+        weight assignment), or None where some layer cannot run in it: a weight that is float,
+        split over formats, or of an int2/3/4 format (those may take the LUT kernel per call)."""
+        key = (id(self.layers), len(self.layers), _LAYER_EDITS[0])
+        if self._stack is not None and self._stack[0] == key:
+            return self._stack[1]
+        cls = _decode_stack_class()
+        stack = None
+        names = (("qkv", "wqkv", "bqkv"), ("o", "wo", "bo"), ("gate_up", "wgu", None), ("down", "wdown", None))
+        ok = cls is not None and _QLINEAR is not None and self.dtype != torch.float64 and all(
+            isinstance(getattr(L, w), QuantizedWeight) and getattr(L, w).fmt not in _LUT_FORMATS
+            for L in self.layers for _, w, _b in names)
+        if ok:
+            c = self.config
+            stack = cls(len(self.layers), c.n_heads, c.n_kv_heads, c.head_dim, float(c.rms_eps))
+            for li, L in enumerate(self.layers):
+                stack.set_norms(li, L.attn_norm, L.ffn_norm)
+                for which, w, b in names:
+                    qw = getattr(L, w)
+                    stack.set_linear(li, which, qw.qdata, qw.scales, qw.zeros, getattr(L, b) if b else None,
+                                     qw.fmt, qw.in_features, qw.group_size)
+        self._stack = (key, stack)
+        return stack
+
+    def _fused_decode_step(self, x: torch.Tensor, positions: torch.Tensor):
+        """All layers of a one-token step in one C++ call, or None (nothing ran) where the step
+        needs the Python loop: hooks, an eviction policy, a cache row needing copy-on-write."""
+        if not self.fused_decode or self.kv_policy is not None or self.attend_hook is not None:
+            return None
+        stack = self.decode_stack()
+        if stack is None:
+            return None
+        booked = self._kv.decode_slots(self._seq)
+        if booked is None:
+            return None
+        slots, plans = booked
+        x, delta = stack.step(x, None, positions, self._cos_sin, slots, self._kv.k_pages, self._kv.v_pages,
+                              plans, 1, self.act_quant)
+        return x, delta
+
     # ---- forward -------------------------------------------------------------------------
     def _check_tokens(self, tokens: Union[Sequence[int], torch.Tensor]) -> torch.Tensor:
         """Token ids as a 1-D long tensor, checked against the vocabulary and ``max_ctx``."""
@@ -417,8 +480,12 @@ class LlamaModel:
         T, p0 = ids.numel(), self.pos
         positions = torch.arange(p0, p0 + T)  # [T], rows of the RoPE table
         x, delta = self._embed(ids), None  # the residual stream
-        for li in range(self.config.n_layers):
-            x, delta = self.layer(li, x, delta, positions)
+        fused = self._fused_decode_step(x, positions) if T == 1 else None
+        if fused is not None:
+            x, delta = fused
+        else:
+            for li in range(self.config.n_layers):
+                x, delta = self.layer(li, x, delta, positions)
         self.pos = p0 + T
         if self.kv_policy is not None:
             self._maybe_evict(T)
