@@ -19,6 +19,7 @@
 
 #include "cpu/kernels/isa.h"
 #include "cpu/kernels/paged_kernels.h"
+#include "cpu/parallel_dynamic.h"
 #include "paged_attention_checks.h"
 
 namespace fastadapt::cpu {
@@ -136,7 +137,8 @@ void run_plan(const Plan& plan, const at::Tensor& q32, const at::Tensor& k_pages
   // A group held by one unit knows its final LSE when the unit ends: its per-key mass is added
   // right away, while its keys are still in cache (not with shared pages: that pass is serial).
   const bool early_scores = score_acc != nullptr && !serial_scores;
-  at::parallel_for(0, nu, unit_grain, [&](int64_t a, int64_t b) {
+  // units pulled dynamically: a slow core takes fewer (cpu/parallel_dynamic.h)
+  parallel_chunks(nu, unit_grain, [&](int64_t a, int64_t b) {
     std::vector<float> lse_u;
     for (int64_t u = a; u < b; ++u) {
       const Unit& un = plan.units[u];

@@ -7,6 +7,7 @@
 
 #include "cpu/kernels/isa.h"
 #include "cpu/kernels/qlinear_kernels.h"
+#include "cpu/parallel_dynamic.h"
 #include "qlinear_checks.h"
 
 namespace fastadapt::cpu {
@@ -91,14 +92,17 @@ void qlinear_cpu_into(const at::Tensor& x, const at::Tensor& qdata,
   if (!s.int8_act && s.M > kGemvMaxM) {
     // whole panels per task; a task is at least one panel
     const int64_t panels = (s.N + kGemmPanel - 1) / kGemmPanel;
-    at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
+    parallel_chunks(panels, 1, [&](int64_t b, int64_t e) {
       k.gemm(p, b * kGemmPanel, std::min(s.N, e * kGemmPanel));
     });
   } else {
     const KernelFn fn = s.int8_act ? k.int8 : k.gemv;
-    // grain: enough rows per task that the split costs nothing next to the work
-    const int64_t grain = std::max<int64_t>(4, 16384 / std::max<int64_t>(1, s.K * s.M));
-    at::parallel_for(0, s.N, grain, [&](int64_t b, int64_t e) { fn(p, b, e); });
+    // chunks: enough rows that a chunk costs far more than taking it, and about 8 per thread
+    // so that a slow core takes fewer of them (cpu/parallel_dynamic.h)
+    const int64_t min_rows = std::max<int64_t>(4, 16384 / std::max<int64_t>(1, s.K * s.M));
+    const int64_t per_thread = (s.N + 8 * at::get_num_threads() - 1) / (8 * at::get_num_threads());
+    const int64_t chunk = (std::max(min_rows, per_thread) + 3) / 4 * 4;
+    parallel_chunks(s.N, chunk, [&](int64_t b, int64_t e) { fn(p, b, e); });
   }
   if (!direct) out.view({s.M, s.N}).copy_(y32);
 }
