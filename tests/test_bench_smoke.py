@@ -131,11 +131,13 @@ def test_bench_e2e_smoke(tmp_path, keep_threads, smollm2_gguf_path):
 
     args = e2e.make_parser().parse_args(
         ["--model", smollm2_gguf_path, "--threads", "1", "--prompt-tokens", "12", "--decode-tokens", "3",
-         "--repeats", "1", "--engines", "fastadapt,fastadapt-q8", "--bw-mib", "64", "--out", str(tmp_path)])
+         "--repeats", "1", "--engines", "fastadapt,fastadapt-q8,fastadapt-pyloop", "--bw-mib", "64",
+         "--out", str(tmp_path)])
     res = e2e.run(args)
-    row, q8 = res["rows"]
+    row, q8, py = res["rows"]
     assert row["engine"] == "fastadapt" and row["threads"] == 1
     assert q8["engine"] == "fastadapt-q8" and q8["decode_tok_s"] > 0
+    assert py["engine"] == "fastadapt-pyloop" and py["decode_tok_s"] > 0
     assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["decode_gbps"] > 0
     split = res["split"]
     # the profiled op times are measured, the rest is what the unprofiled wall time leaves

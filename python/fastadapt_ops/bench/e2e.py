@@ -3,12 +3,15 @@ same GGUF file, in the same process: HF transformers fp32 (``from_pretrained(ggu
 and llama.cpp (``llama-cpp-python``, used when installed; the table says so when it is not).
 
     python bench/run.py e2e [--model smollm2] [--threads 1,2] [--prompt-tokens 512]
-                            [--decode-tokens 128] [--engines fastadapt,fastadapt-q8,hf,llama.cpp]
+                            [--decode-tokens 128]
+                            [--engines fastadapt,fastadapt-q8,fastadapt-pyloop,hf,llama.cpp]
                             [--no-split]
 
 Engines: ``fastadapt`` (exact: fp32 activations and KV cache), ``fastadapt-q8`` (llama.cpp's
-numerics: decode activations quantized to int8 per token, KV cache in float16), ``hf`` (HF
-transformers fp32), ``llama.cpp``.
+numerics: decode activations quantized to int8 per token, KV cache in float16),
+``fastadapt-pyloop`` (the exact engine with each decode step's layers issued from Python, one op
+at a time, instead of one ``DecodeStack`` call: what the C++ step buys), ``hf`` (HF transformers
+fp32), ``llama.cpp``.
 
 Every engine runs the same token ids: a prefill of ``--prompt-tokens`` tokens of ordinary text,
 then ``--decode-tokens`` single-token steps feeding the tokens our greedy decode produced (the
@@ -53,7 +56,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", default="1,2", help="comma list of thread counts")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--engines", default="fastadapt,fastadapt-q8,hf,llama.cpp")
+    p.add_argument("--engines", default="fastadapt,fastadapt-q8,fastadapt-pyloop,hf,llama.cpp")
     p.add_argument("--repeats", type=int, default=3, help="runs per engine and thread count (median)")
     p.add_argument("--no-split", action="store_true", help="skip the decode time split")
     p.add_argument("--bw-mib", type=int, default=1024, help="size of the bandwidth probe")
@@ -71,9 +74,10 @@ def prompt_ids(tokenizer, n: int) -> List[int]:
 
 
 # ---- engines: each returns (prefill_s, decode_s) for one run ---------------------------------
-def _run_fastadapt(model, ids: Sequence[int], feed: Sequence[int], q8: bool = False):
-    # the configuration is set per run: both fastadapt engines share one loaded model
+def _run_fastadapt(model, ids: Sequence[int], feed: Sequence[int], q8: bool = False, pyloop: bool = False):
+    # the configuration is set per run: the fastadapt engines share one loaded model
     model.act_quant = "int8" if q8 else "none"
+    model.fused_decode = not pyloop
     model.configure_kv(None, kv_dtype=torch.float16 if q8 else None)
     t0 = time.perf_counter()
     model.prefill(ids)
@@ -239,6 +243,8 @@ def run(args: argparse.Namespace) -> dict:
             runners["fastadapt"] = lambda a, b: _run_fastadapt(model, a, b)
         if "fastadapt-q8" in engines:
             runners["fastadapt-q8"] = lambda a, b: _run_fastadapt(model, a, b, q8=True)
+        if "fastadapt-pyloop" in engines:
+            runners["fastadapt-pyloop"] = lambda a, b: _run_fastadapt(model, a, b, pyloop=True)
         if hf is not None:
             runners["hf-fp32"] = hf.run
         if "llama.cpp" in engines and llama_status is None:
@@ -274,6 +280,7 @@ def run(args: argparse.Namespace) -> dict:
                   + (f"   x{row['decode_vs_hf']:.2f} vs HF" if "decode_vs_hf" in row else ""))
         if "fastadapt" in res and not args.no_split and t == max(threads_list):
             model.act_quant = "none"  # the split is of the exact engine
+            model.fused_decode = True
             model.configure_kv(None)
             split = decode_split(model, ids, feed, res["fastadapt"][1])
             print(f"fastadapt decode split at {t} threads: {split['per_token_us']:.0f} us/token = matmuls "
