@@ -490,11 +490,70 @@ void gguf_block_rows(const QLinearProblem& p, const float* xoff, int64_t m0, int
   }
 }
 
+// Decode (one row of x, fp activations): two weight rows per pass. Each row's arithmetic is
+// exactly gguf_block_rows<F, 1, false>'s (same operations in the same order, so results do not
+// depend on the pairing), but the two rows' chains interleave, which hides the latency of a
+// chunk's convert-multiply-add chain and of the per-row reduction on rows of only K/32 chunks
+// (18 for SmolLM2), and the four x loads of a chunk serve both rows.
+template <QFormat F>
+void gguf_block_row_pairs(const QLinearProblem& p, const float* xoff, int64_t n0, int64_t n1) {
+  constexpr int64_t bs = kGgufBlockBytes<F>;
+  constexpr bool kOffsets = F != QFormat::Q8_0;
+  const int64_t chunks = p.K / 32;
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const uint8_t* ra = p.qdata + n * p.row_bytes;
+    const uint8_t* rb = ra + p.row_bytes;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    __m128 oa = _mm_setzero_ps(), ob = oa;
+    for (int64_t c = 0; c < chunks; ++c) {
+      __builtin_prefetch(ra + (c + 6) * bs, 0, 3);
+      __builtin_prefetch(rb + (c + 6) * bs, 0, 3);
+      const __m128 ha = gguf_header<F>(ra, c), hb = gguf_header<F>(rb, c);
+      __m256 fa[4], fb[4];
+      chunk_floats<F>(ra, c, fa);
+      chunk_floats<F>(rb, c, fb);
+      const float* x = p.x + 32 * c;
+      const __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+      const __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
+      __m256 ta0 = _mm256_mul_ps(fa[0], x0), ta1 = _mm256_mul_ps(fa[1], x1);
+      __m256 tb0 = _mm256_mul_ps(fb[0], x0), tb1 = _mm256_mul_ps(fb[1], x1);
+      ta0 = _mm256_fmadd_ps(fa[2], x2, ta0);
+      ta1 = _mm256_fmadd_ps(fa[3], x3, ta1);
+      tb0 = _mm256_fmadd_ps(fb[2], x2, tb0);
+      tb1 = _mm256_fmadd_ps(fb[3], x3, tb1);
+      a0 = _mm256_fmadd_ps(_mm256_add_ps(ta0, ta1), _mm256_broadcastss_ps(ha), a0);
+      b0 = _mm256_fmadd_ps(_mm256_add_ps(tb0, tb1), _mm256_broadcastss_ps(hb), b0);
+      std::swap(a0, a1);  // the two alternating chains per row, as in gguf_block_rows
+      std::swap(b0, b1);
+      if constexpr (kOffsets) {
+        const __m128 xo = _mm_loadu_ps(xoff + 4 * c);
+        oa = _mm_fmadd_ps(ha, xo, oa);
+        ob = _mm_fmadd_ps(hb, xo, ob);
+      }
+    }
+    auto finish = [&](__m256 c0, __m256 c1, __m128 off, int64_t row) {
+      const __m256 a8 = _mm256_add_ps(c0, c1);
+      __m128 t = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));
+      t = _mm_add_ps(t, off);
+      t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+      t = _mm_add_ss(t, _mm_movehdup_ps(t));
+      p.y[row] = _mm_cvtss_f32(t) + (p.bias ? p.bias[row] : 0.f);
+    };
+    finish(a0, a1, oa, n);
+    finish(b0, b1, ob, n + 1);
+  }
+  if (n < n1) gguf_block_rows<F, 1, false>(p, xoff, 0, n, n1);
+}
+
 template <QFormat F, bool kInt8>
 void gguf_block_all_m(const QLinearProblem& p, int64_t n0, int64_t n1) {
   thread_local Scratch<float> offs;
   float* xoff = offs.get(static_cast<size_t>(p.M * (p.K / 32) * 4));
   if constexpr (F != QFormat::Q8_0) gguf_block_offsets<F>(p, xoff);
+  if constexpr (!kInt8) {
+    if (p.M == 1) return gguf_block_row_pairs<F>(p, xoff, n0, n1);
+  }
   constexpr int64_t kRowBlock = 4;
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
     const int64_t ne = std::min(n1, nb + kRowBlock);
