@@ -24,6 +24,8 @@ With ``unmerge=True`` the last hidden state is scattered back to [B, N, C] inste
 """
 from __future__ import annotations
 
+import inspect
+
 import math
 import types
 from dataclasses import dataclass, field
@@ -120,9 +122,12 @@ def _hf_mask(bert, attention_mask, emb):
     if attention_mask is None:
         return None
     if hasattr(bert, "_create_attention_masks"):
+        # its keywords drift across transformers releases (past_key_values became cache, and
+        # position_ids was added in 5.x): pass the optional ones it names, all None here
+        params = inspect.signature(bert._create_attention_masks).parameters
+        kw = {name: None for name in ("past_key_values", "cache", "position_ids") if name in params}
         mask, _ = bert._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
-                                               embedding_output=emb, encoder_hidden_states=None,
-                                               past_key_values=None)
+                                               embedding_output=emb, encoder_hidden_states=None, **kw)
         return mask
     return bert.get_extended_attention_mask(attention_mask, emb.shape[:2])
 
