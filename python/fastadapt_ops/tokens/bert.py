@@ -25,7 +25,6 @@ With ``unmerge=True`` the last hidden state is scattered back to [B, N, C] inste
 from __future__ import annotations
 
 import inspect
-
 import math
 import types
 from dataclasses import dataclass, field
