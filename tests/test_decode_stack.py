@@ -194,7 +194,7 @@ def test_batched_step_equals_per_sequence_layers():
     sq = [kv._seqs[s] for s in seqs]
     for li in range(LAYERS):
         assert kv._can_book_one(li, sq)
-        sl, _ = kv._book_one(li, seqs, sq)
+        sl, _ = kv._book_one(li, sq)
         slots.append(sl)
         plans.extend(kv.plan(li, seqs))
     sm = torch.tensor(slots, dtype=torch.int32).view(LAYERS, 2, NKV)

@@ -416,7 +416,12 @@ class PagedKVCache:
         caller takes the general path) when a row needs copy-on-write or the pool is short."""
         if not self._can_book_one(layer, seqs):
             return None
-        slots, need = self._book_one(layer, seq_ids, seqs)
+        slots, need = self._book_one(layer, seqs)
+        key = (layer, tuple(seq_ids))
+        hit = self._plans.get(key) if need == 0 else None
+        if hit is not None and hit[0] == self._version[layer] - 1:
+            hit[1][2].add_(1)  # every row of this batch grew by one token; pages unchanged
+            self._plans[key] = (self._version[layer], hit[1])
         slot_mapping = torch.tensor(slots, dtype=torch.int32).view(len(seqs), self.num_kv_heads)
         sm = slot_mapping
         if self.device.type != "cpu":
@@ -431,38 +436,36 @@ class PagedKVCache:
     def _can_book_one(self, layer: int, seqs: List[_Seq]) -> bool:
         """One more token fits every row of ``seqs`` at ``layer`` without copy-on-write."""
         S, alloc, need = self.page_size, self.allocators[layer], 0
+        ref = alloc._ref  # page ids in rows are valid by construction: no per-page checks
         for s in seqs:
             for row in s.rows[layer]:
                 if row.length % S == 0:
                     need += 1
-                elif alloc.refcount(row.pages[-1]) > 1:
+                elif ref[row.pages[-1]] > 1:
                     return False
         return need <= alloc.num_free
 
-    def _book_one(self, layer: int, seq_ids, seqs: List[_Seq]) -> Tuple[List[int], int]:
-        """Book one token per sequence at ``layer`` (checked by :meth:`_can_book_one`): new pages
-        where a row's last one is full, positions, lengths, and the cached plan of exactly this
-        batch advanced in place when no page was added. Returns (slots, pages added)."""
+    def _book_one(self, layer: int, seqs: List[_Seq]) -> Tuple[List[int], int]:
+        """Book one token per sequence at ``layer`` (checked by :meth:`_can_book_one`): a new
+        page where a row's last one is full, the position, the length; bumps the layer's
+        version (cached plans go stale: the caller advances or rebuilds them). Returns (slots,
+        pages added)."""
         S, alloc = self.page_size, self.allocators[layer]
         slots: List[int] = []
         need = 0
         for s in seqs:
             p = s.next_pos[layer]
             for row in s.rows[layer]:
-                if row.length % S == 0:
+                n = row.length
+                if n % S == 0:
                     row.pages.extend(alloc.alloc(1))
                     row.cap = None
                     need += 1
-                slots.append(row.pages[row.length // S] * S + row.length % S)
+                slots.append(row.pages[n // S] * S + n % S)
                 row.extend_pos(p, 1)
-                row.length += 1
+                row.length = n + 1
             s.next_pos[layer] = p + 1
-        key = (layer, tuple(seq_ids))
-        hit = self._plans.get(key) if need == 0 else None
         self._bump(layer)
-        if hit is not None and hit[0] == self._version[layer] - 1:
-            hit[1][2].add_(1)  # every row of this batch grew by one token; pages unchanged
-            self._plans[key] = (self._version[layer], hit[1])
         return slots, need
 
     def decode_slots(self, seq_id: int) -> Optional[Tuple[torch.Tensor, List[torch.Tensor]]]:
@@ -476,20 +479,33 @@ class PagedKVCache:
         s = self._seqs.get(seq_id)
         if s is None or self.track_scores:
             return None
-        seqs, ids = [s], [seq_id]
-        if not all(self._can_book_one(layer, seqs) for layer in range(self.num_layers)):
+        seqs, L = [s], self.num_layers
+        if not all(self._can_book_one(layer, seqs) for layer in range(L)):
             return None  # checked for every layer first: nothing changes on a refusal
         slots: List[int] = []
-        plans: List[torch.Tensor] = []
-        grew = False
-        for layer in range(self.num_layers):
-            sl, need = self._book_one(layer, ids, seqs)
+        grew: List[int] = []
+        for layer in range(L):
+            sl, need = self._book_one(layer, seqs)
             slots.extend(sl)
-            grew = grew or need > 0
-            plans.extend(self.plan(layer, ids))
-        if grew:
+            grew.append(need)
+        # the new lengths of every layer's rows in one tensor (one op, not one add_ per layer);
+        # a layer without a new page keeps its cached page tables with these lengths
+        lens = torch.tensor([row.length for layer in range(L) for row in s.rows[layer]], dtype=torch.int32,
+                            device=self.device).view(L, self.num_kv_heads).unbind(0)
+        plans: List[torch.Tensor] = []
+        ids = (seq_id,)
+        for layer in range(L):
+            key = (layer, ids)
+            hit = self._plans.get(key) if not grew[layer] else None
+            if hit is not None and hit[0] == self._version[layer] - 1:
+                plan = (hit[1][0], hit[1][1], lens[layer])
+                self._plans[key] = (self._version[layer], plan)
+            else:
+                plan = self.plan(layer, ids)
+            plans.extend(plan)
+        if any(grew):
             self._note_peak()
-        sm = torch.tensor(slots, dtype=torch.int32).view(self.num_layers, 1, self.num_kv_heads)
+        sm = torch.tensor(slots, dtype=torch.int32).view(L, 1, self.num_kv_heads)
         return (sm if self.device.type == "cpu" else sm.to(self.device)), plans
 
     # ------------------------------------------------------------------ compaction
