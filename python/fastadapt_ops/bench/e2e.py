@@ -16,7 +16,7 @@ fp32), ``llama.cpp``.
 Every engine runs the same token ids: a prefill of ``--prompt-tokens`` tokens of ordinary text,
 then ``--decode-tokens`` single-token steps feeding the tokens our greedy decode produced (the
 work per step does not depend on which token is fed). Each step computes the last position's
-logits. tokens/s are medians over ``--repeats`` runs. For fastadapt the decode time is split into
+logits. tokens/s are medians over ``--repeats`` runs, the engines taking turns within each. For fastadapt the decode time is split into
 matmuls (``fastadapt::qlinear``), attention and the rest (torch profiler self times over a
 profiled decode, scaled to the unprofiled wall time), and the bytes one decode step must read
 (weights + KV cache at the mean context) are set against the machine's measured read bandwidth.
@@ -250,15 +250,17 @@ def run(args: argparse.Namespace) -> dict:
         if "llama.cpp" in engines and llama_status is None:
             lc = _LlamaCpp(path, P + N + 8, t)
             runners["llama.cpp"] = lc.run
-        res = {}
-        for name, fn in runners.items():
+        for fn in runners.values():
             fn(ids[:32], feed[:4])  # warm-up
-            pre, dec = [], []
-            for _ in range(args.repeats):
+        # engines take turns within every repeat, so a slow stretch of this shared machine
+        # falls on all of them alike instead of on whichever engine ran then
+        times = {name: ([], []) for name in runners}
+        for _ in range(args.repeats):
+            for name, fn in runners.items():
                 a, b = fn(ids, feed)
-                pre.append(a)
-                dec.append(b)
-            res[name] = (statistics.median(pre), statistics.median(dec))
+                times[name][0].append(a)
+                times[name][1].append(b)
+        res = {name: (statistics.median(pre), statistics.median(dec)) for name, (pre, dec) in times.items()}
         for name, (a, b) in res.items():
             row = {"engine": name, "threads": t, "prefill_tokens": P, "prefill_tok_s": P / a,
                    "decode_tokens": N, "decode_tok_s": N / b,
