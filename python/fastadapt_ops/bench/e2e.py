@@ -16,7 +16,8 @@ fp32), ``llama.cpp``.
 Every engine runs the same token ids: a prefill of ``--prompt-tokens`` tokens of ordinary text,
 then ``--decode-tokens`` single-token steps feeding the tokens our greedy decode produced (the
 work per step does not depend on which token is fed). Each step computes the last position's
-logits. tokens/s are medians over ``--repeats`` runs, the engines taking turns within each. For fastadapt the decode time is split into
+logits. tokens/s are medians over ``--repeats`` runs, the engines taking turns within each.
+For fastadapt the decode time is split into
 matmuls (``fastadapt::qlinear``), attention and the rest (torch profiler self times over a
 profiled decode, scaled to the unprofiled wall time), and the bytes one decode step must read
 (weights + KV cache at the mean context) are set against the machine's measured read bandwidth.
