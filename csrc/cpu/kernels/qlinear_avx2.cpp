@@ -490,60 +490,72 @@ void gguf_block_rows(const QLinearProblem& p, const float* xoff, int64_t m0, int
   }
 }
 
-// Decode (one row of x, fp activations): two weight rows per pass. Each row's arithmetic is
-// exactly gguf_block_rows<F, 1, false>'s (same operations in the same order, so results do not
-// depend on the pairing), but the two rows' chains interleave, which hides the latency of a
-// chunk's convert-multiply-add chain and of the per-row reduction on rows of only K/32 chunks
-// (18 for SmolLM2), and the four x loads of a chunk serve both rows.
-template <QFormat F>
+// Decode (one row of x): two weight rows per pass. Each row's arithmetic is exactly
+// gguf_block_rows<F, 1, kInt8>'s (same operations in the same order, so results do not depend on
+// the pairing), but the two rows' chains interleave, which hides the latency of a chunk's
+// widen-multiply-add chain and of the per-row reduction on rows of only K/32 chunks (18 for
+// SmolLM2), and each x load of a chunk serves both rows.
+template <QFormat F, bool kInt8>
 void gguf_block_row_pairs(const QLinearProblem& p, const float* xoff, int64_t n0, int64_t n1) {
   constexpr int64_t bs = kGgufBlockBytes<F>;
   constexpr bool kOffsets = F != QFormat::Q8_0;
+  constexpr int NR = 2;
   const int64_t chunks = p.K / 32;
+  const __m256i ones16 = _mm256_set1_epi16(1);
   int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) {
-    const uint8_t* ra = p.qdata + n * p.row_bytes;
-    const uint8_t* rb = ra + p.row_bytes;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
-    __m128 oa = _mm_setzero_ps(), ob = oa;
+  for (; n + NR <= n1; n += NR) {
+    const uint8_t* row[NR];
+    __m256 acc[NR][2];
+    __m128 off[NR];
+    for (int r = 0; r < NR; ++r) {
+      row[r] = p.qdata + (n + r) * p.row_bytes;
+      acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      off[r] = _mm_setzero_ps();
+    }
     for (int64_t c = 0; c < chunks; ++c) {
-      __builtin_prefetch(ra + (c + 6) * bs, 0, 3);
-      __builtin_prefetch(rb + (c + 6) * bs, 0, 3);
-      const __m128 ha = gguf_header<F>(ra, c), hb = gguf_header<F>(rb, c);
-      __m256 fa[4], fb[4];
-      chunk_floats<F>(ra, c, fa);
-      chunk_floats<F>(rb, c, fb);
-      const float* x = p.x + 32 * c;
-      const __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
-      const __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
-      __m256 ta0 = _mm256_mul_ps(fa[0], x0), ta1 = _mm256_mul_ps(fa[1], x1);
-      __m256 tb0 = _mm256_mul_ps(fb[0], x0), tb1 = _mm256_mul_ps(fb[1], x1);
-      ta0 = _mm256_fmadd_ps(fa[2], x2, ta0);
-      ta1 = _mm256_fmadd_ps(fa[3], x3, ta1);
-      tb0 = _mm256_fmadd_ps(fb[2], x2, tb0);
-      tb1 = _mm256_fmadd_ps(fb[3], x3, tb1);
-      a0 = _mm256_fmadd_ps(_mm256_add_ps(ta0, ta1), _mm256_broadcastss_ps(ha), a0);
-      b0 = _mm256_fmadd_ps(_mm256_add_ps(tb0, tb1), _mm256_broadcastss_ps(hb), b0);
-      std::swap(a0, a1);  // the two alternating chains per row, as in gguf_block_rows
-      std::swap(b0, b1);
-      if constexpr (kOffsets) {
-        const __m128 xo = _mm_loadu_ps(xoff + 4 * c);
-        oa = _mm_fmadd_ps(ha, xo, oa);
-        ob = _mm_fmadd_ps(hb, xo, ob);
+      __m128 h[NR];
+      for (int r = 0; r < NR; ++r) {
+        __builtin_prefetch(row[r] + (c + 6) * bs, 0, 3);
+        h[r] = gguf_header<F>(row[r], c);
+      }
+      if constexpr (kInt8) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + 32 * c));
+        for (int r = 0; r < NR; ++r) {
+          const __m256i q = chunk_codes<F>(row[r], c);
+          const __m256i qu = kSignedCodes<F> ? _mm256_sign_epi8(q, q) : q;
+          const __m256i xv = kSignedCodes<F> ? _mm256_sign_epi8(x, q) : x;
+          const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qu, xv), ones16);
+          acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcastss_ps(h[r]), acc[r][0]);
+        }
+      } else {
+        const float* x = p.x + 32 * c;
+        const __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+        const __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
+        for (int r = 0; r < NR; ++r) {
+          __m256 f[4];
+          chunk_floats<F>(row[r], c, f);
+          __m256 t0 = _mm256_mul_ps(f[0], x0), t1 = _mm256_mul_ps(f[1], x1);
+          t0 = _mm256_fmadd_ps(f[2], x2, t0);
+          t1 = _mm256_fmadd_ps(f[3], x3, t1);
+          acc[r][0] = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_broadcastss_ps(h[r]), acc[r][0]);
+        }
+      }
+      for (int r = 0; r < NR; ++r) {
+        std::swap(acc[r][0], acc[r][1]);  // the two alternating chains per row, as in gguf_block_rows
+        if constexpr (kOffsets) off[r] = _mm_fmadd_ps(h[r], _mm_loadu_ps(xoff + 4 * c), off[r]);
       }
     }
-    auto finish = [&](__m256 c0, __m256 c1, __m128 off, int64_t row) {
-      const __m256 a8 = _mm256_add_ps(c0, c1);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 a8 = _mm256_add_ps(acc[r][0], acc[r][1]);
       __m128 t = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));
-      t = _mm_add_ps(t, off);
+      if constexpr (kInt8) t = _mm_mul_ps(t, _mm_set1_ps(p.xscale[0]));
+      t = _mm_add_ps(t, off[r]);
       t = _mm_add_ps(t, _mm_movehl_ps(t, t));
       t = _mm_add_ss(t, _mm_movehdup_ps(t));
-      p.y[row] = _mm_cvtss_f32(t) + (p.bias ? p.bias[row] : 0.f);
-    };
-    finish(a0, a1, oa, n);
-    finish(b0, b1, ob, n + 1);
+      p.y[n + r] = _mm_cvtss_f32(t) + (p.bias ? p.bias[n + r] : 0.f);
+    }
   }
-  if (n < n1) gguf_block_rows<F, 1, false>(p, xoff, 0, n, n1);
+  if (n < n1) gguf_block_rows<F, 1, kInt8>(p, xoff, 0, n, n1);
 }
 
 template <QFormat F, bool kInt8>
@@ -551,9 +563,7 @@ void gguf_block_all_m(const QLinearProblem& p, int64_t n0, int64_t n1) {
   thread_local Scratch<float> offs;
   float* xoff = offs.get(static_cast<size_t>(p.M * (p.K / 32) * 4));
   if constexpr (F != QFormat::Q8_0) gguf_block_offsets<F>(p, xoff);
-  if constexpr (!kInt8) {
-    if (p.M == 1) return gguf_block_row_pairs<F>(p, xoff, n0, n1);
-  }
+  if (p.M == 1) return gguf_block_row_pairs<F, kInt8>(p, xoff, n0, n1);
   constexpr int64_t kRowBlock = 4;
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
     const int64_t ne = std::min(n1, nb + kRowBlock);
@@ -705,10 +715,15 @@ void int8_nibble_rows(const QLinearProblem& p, const int8_t* xi, int64_t m0, int
 // xoff, per row of x and pair of blocks (c, c+1), 4 floats:
 //   Q4_1: [0, xs_c, 0, xs_c1]   (lanes of d_c, m_c, d_c1, m_c1)
 //   Q4_0: [-8 xs_c, -8 xs_c1, 0, 0]   (lanes of d_c, d_c1, 0, 0)
-template <QFormat F, int MT>
+// NR weight rows per pass (NR > 1 only with MT == 1, decode): each row's arithmetic is the
+// single-row pass's, in the same order, so results do not depend on the grouping; the rows'
+// latency chains (one accumulator per row, 18 chunks for SmolLM2) interleave, and each x load
+// serves every row.
+template <QFormat F, int MT, int NR = 1>
 void int8_gguf_nibble_rows(const QLinearProblem& p, const int8_t* xi, const float* xoff, int64_t m0,
                            int64_t n0, int64_t n1) {
   static_assert(F == QFormat::Q4_0 || F == QFormat::Q4_1, "GGUF nibble formats only");
+  static_assert(NR == 1 || MT == 1, "several weight rows per pass only for one row of x");
   constexpr int64_t bs = F == QFormat::Q4_0 ? 18 : 20;
   const int64_t chunks = p.K / 32, pairs = (chunks + 1) / 2;
   const __m256i m4 = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);
@@ -735,50 +750,63 @@ void int8_gguf_nibble_rows(const QLinearProblem& p, const int8_t* xi, const floa
       return _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(w0)));
     }
   };
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = p.qdata + n * p.row_bytes;
-    __m256 acc[MT];
-    __m128 off[MT];
-    for (int m = 0; m < MT; ++m) {
-      acc[m] = _mm256_setzero_ps();
-      off[m] = _mm_setzero_ps();
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    const uint8_t* row[NR];
+    __m256 acc[NR][MT];
+    __m128 off[NR][MT];
+    for (int r = 0; r < NR; ++r) {
+      row[r] = p.qdata + (n + r) * p.row_bytes;
+      for (int m = 0; m < MT; ++m) {
+        acc[r][m] = _mm256_setzero_ps();
+        off[r][m] = _mm_setzero_ps();
+      }
     }
     int64_t c = 0;
     for (; c + 1 < chunks; c += 2) {
-      if (c + 2 < chunks) __builtin_prefetch(row + (c + 8) * bs, 0, 3);
-      const __m128 h = header(row, c, true);
-      const __m256 scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(h), dsel);
-      const __m256i v = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(row + (c + 1) * bs + bs - 16),
-                                            reinterpret_cast<const __m128i*>(row + c * bs + bs - 16));
-      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-      for (int m = 0; m < MT; ++m) {
-        const __m256i* x = reinterpret_cast<const __m256i*>(xr[m] + 32 * c);
-        // pair sums stay below 2 * 2 * 15 * 127 < 2^15
-        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(x)),
-                                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256(x + 1)));
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones16)), scale, acc[m]);
-        off[m] = _mm_fmadd_ps(h, _mm_loadu_ps(xo[m] + 2 * c), off[m]);
+      for (int r = 0; r < NR; ++r) {
+        if (c + 2 < chunks) __builtin_prefetch(row[r] + (c + 8) * bs, 0, 3);
+        const __m128 h = header(row[r], c, true);
+        const __m256 scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(h), dsel);
+        const __m256i v = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(row[r] + (c + 1) * bs + bs - 16),
+                                              reinterpret_cast<const __m128i*>(row[r] + c * bs + bs - 16));
+        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        for (int m = 0; m < MT; ++m) {
+          const __m256i* x = reinterpret_cast<const __m256i*>(xr[m] + 32 * c);
+          // pair sums stay below 2 * 2 * 15 * 127 < 2^15
+          const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(x)),
+                                               _mm256_maddubs_epi16(hi, _mm256_loadu_si256(x + 1)));
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones16)), scale, acc[r][m]);
+          off[r][m] = _mm_fmadd_ps(h, _mm_loadu_ps(xo[m] + 2 * c), off[r][m]);
+        }
       }
     }
     if (c < chunks) {  // a lone last chunk, x in natural order
-      const __m128 h = header(row, c, false);
-      const __m256 scale = _mm256_set1_ps(_mm_cvtss_f32(h));
-      const __m256i q = chunk_codes<F>(row, c);
-      for (int m = 0; m < MT; ++m) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + 32 * c));
-        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones16);
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), scale, acc[m]);
-        off[m] = _mm_fmadd_ps(h, _mm_loadu_ps(xo[m] + 2 * c), off[m]);
+      for (int r = 0; r < NR; ++r) {
+        const __m128 h = header(row[r], c, false);
+        const __m256 scale = _mm256_set1_ps(_mm_cvtss_f32(h));
+        const __m256i q = chunk_codes<F>(row[r], c);
+        for (int m = 0; m < MT; ++m) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + 32 * c));
+          const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones16);
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), scale, acc[r][m]);
+          off[r][m] = _mm_fmadd_ps(h, _mm_loadu_ps(xo[m] + 2 * c), off[r][m]);
+        }
       }
     }
-    const float bias = p.bias ? p.bias[n] : 0.f;
-    for (int m = 0; m < MT; ++m) {
-      const __m128 a = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
-      __m128 t = _mm_add_ps(_mm_mul_ps(a, _mm_set1_ps(p.xscale[m0 + m])), off[m]);
-      t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-      t = _mm_add_ss(t, _mm_movehdup_ps(t));
-      p.y[(m0 + m) * p.y_stride + n] = _mm_cvtss_f32(t) + bias;
+    for (int r = 0; r < NR; ++r) {
+      const float bias = p.bias ? p.bias[n + r] : 0.f;
+      for (int m = 0; m < MT; ++m) {
+        const __m128 a = _mm_add_ps(_mm256_castps256_ps128(acc[r][m]), _mm256_extractf128_ps(acc[r][m], 1));
+        __m128 t = _mm_add_ps(_mm_mul_ps(a, _mm_set1_ps(p.xscale[m0 + m])), off[r][m]);
+        t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+        t = _mm_add_ss(t, _mm_movehdup_ps(t));
+        p.y[(m0 + m) * p.y_stride + n + r] = _mm_cvtss_f32(t) + bias;
+      }
     }
+  }
+  if constexpr (NR > 1) {
+    if (n < n1) int8_gguf_nibble_rows<F, MT, 1>(p, xi, xoff, m0, n, n1);
   }
 }
 
@@ -819,6 +847,7 @@ void int8_nibble_all_m(const QLinearProblem& p, int64_t n0, int64_t n1) {
     thread_local Scratch<float> offs;
     float* xoff = offs.get(static_cast<size_t>(p.M * ((p.K / 32 + 1) / 2) * 4));
     gguf_nibble_offsets<F>(p, xoff);
+    if (p.M == 1) return int8_gguf_nibble_rows<F, 1, 2>(p, xbuf, xoff, 0, n0, n1);  // decode
     for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
       const int64_t ne = std::min(n1, nb + kRowBlock);
       for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
