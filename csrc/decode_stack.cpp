@@ -183,8 +183,6 @@ class DecodeStack : public torch::CustomClassHolder {
     return {x, *delta};
   }
 
-  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
-
  private:
   LayerWeights& at_layer(int64_t layer, const char* what) {
     TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()),
@@ -205,8 +203,7 @@ TORCH_LIBRARY_FRAGMENT(fastadapt, m) {
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, double>())
       .def("set_norms", &DecodeStack::set_norms)
       .def("set_linear", &DecodeStack::set_linear)
-      .def("step", &DecodeStack::step)
-      .def("num_layers", &DecodeStack::num_layers);
+      .def("step", &DecodeStack::step);
 }
 
 }  // namespace fastadapt

@@ -471,8 +471,8 @@ void gguf_block_rows(const QLinearProblem& p, const float* xoff, int64_t m0, int
         }
       }
       // alternate the two chains by swapping them (renamed, free), not by indexing with c & 1:
-      // a run-time index puts the accumulators on the stack (a store-forwarding round trip per
-      // chunk, measured 1.6x slower)
+      // a run-time index put the accumulators on the stack (a store and reload per chunk, the
+      // hottest instructions in a perf profile)
       for (int m = 0; m < MT; ++m) std::swap(acc[m][0], acc[m][1]);
       if constexpr (kOffsets)
         for (int m = 0; m < MT; ++m) off[m] = _mm_fmadd_ps(h, _mm_loadu_ps(xo[m] + 4 * c), off[m]);
